@@ -1,0 +1,6 @@
+"`python -m fastai_tar demo|bench`"
+import sys
+
+from .cli import main
+
+sys.exit(main())

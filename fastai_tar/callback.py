@@ -1,0 +1,193 @@
+"`TARCallback`: AR and TAR of hooked recurrent activations, added to a fastai learner's training loss."
+import warnings
+from functools import partial
+
+import torch
+from fastai.callback.core import Callback, GatherPredsCallback
+from fastai.callback.hook import Hooks
+from fastai.callback.rnn import RNNRegularizer
+from fastai.callback.training import GradientAccumulation
+from fastai.text.models.core import SequentialRNN
+from fastcore.basics import store_attr
+
+from .columns import PenaltyColumn
+from .functional import ar_sum_count, mean_of, tar_sum_count
+from .history import history_frame, plot_history
+from .schedule import check_coef, coef_at
+from .targets import find_targets, read_output, unwrap_model
+
+__all__ = ['TARCallback']
+
+_SUM_COUNT = {'ar': ar_sum_count, 'tar': tar_sum_count}
+_COEF_ARG = {'ar': 'alpha', 'tar': 'beta'}
+
+
+class TARCallback(Callback):
+    "Add `alpha`*AR and `beta`*TAR of hooked recurrent activations to the training loss (Merity et al.)"
+    # after_loss must add the penalty before `GradientAccumulation` rescales `loss_grad`, and run in
+    # validation too: after_pred strips fastai's (logits, raw, dropped) tuple there as well.
+    order, run_valid = GradientAccumulation.order - 1, True
+
+    def __init__(self,
+        alpha=2.,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or one per AR module
+        beta=1.,  # TAR coefficient: a number >= 0, a schedule, or one per TAR module
+        modules=None,  # what TAR reads: None finds it; module(s), names from `named_modules()`, or {module: beta}
+        ar_modules=None,  # what AR reads: None is the fastai LM's output dropout, else the same as `modules`
+        all_layers: bool = False,  # regularize every layer of a fastai `AWD_LSTM` (its `rnns`), not only the last
+        seq_dim: int = 1,  # time axis of custom modules' outputs (`nn.RNN`s' own `batch_first` is read)
+        valid_metrics: bool = False,  # also report unweighted AR/TAR of the validation activations (`valid_tar`)
+        show_columns: bool = True,  # add the epoch means of the weighted terms to the fit table (`train_tar`)
+    ):
+        check_coef(alpha, 'alpha'); check_coef(beta, 'beta')
+        for spec, coef_arg in ((modules, 'beta'), (ar_modules, 'alpha')):
+            if isinstance(spec, dict): check_coef(spec, coef_arg)
+        store_attr()
+        self.targets, self._rows, self._silenced, self._warned = [], [], [], False
+        self._hooks = self._root_hook = None
+        self._clear_batch()
+
+    # --- set-up and tear-down around fit ---------------------------------------------------------
+    def _find(self):
+        return find_targets(self.learn.model, self.alpha, self.beta, self.modules, self.ar_modules, self.all_layers)
+
+    def before_fit(self):
+        self._remove_hooks()
+        self.targets = self._find()
+        # A zero coefficient adds nothing, so its module is hooked only for the validation metrics.
+        self._train_targets = [t for t in self.targets if callable(t.coef) or t.coef != 0]
+        self._rows, self._fitting = [], True
+        self._silence_fastai_regularizer()
+        self._add_columns()
+
+    def after_fit(self):
+        self._remove_hooks()
+        self._clear_batch()
+        self._restore_fastai_regularizer()
+        self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, PenaltyColumn)]
+        self._fitting = False
+
+    def _silence_fastai_regularizer(self):
+        "fastai's `TextLearner` adds `RNNRegularizer(alpha=2, beta=1)`: switch it off so the penalty counts once."
+        for cb in self.learn.cbs:
+            if isinstance(cb, RNNRegularizer) and (cb.alpha or cb.beta):
+                if not any(c is cb for c, _ in self._silenced): self._silenced.append((cb, (cb.alpha, cb.beta)))
+                cb.alpha = cb.beta = 0.
+        if self._silenced and not self._warned:
+            a, b = self._silenced[0][1]
+            warnings.warn(f"TARCallback switches off fastai's RNNRegularizer(alpha={a}, beta={b}) during fit so that "
+                          "AR/TAR is applied once; to silence this, create the learner with alpha=0, beta=0 "
+                          "(language_model_learner(..., alpha=0., beta=0.)) or learn.remove_cb(RNNRegularizer)",
+                          stacklevel=2)
+            self._warned = True
+
+    def _restore_fastai_regularizer(self):
+        for cb, (a, b) in self._silenced: cb.alpha, cb.beta = a, b
+        self._silenced = []
+
+    def _add_columns(self):
+        kinds = lambda ts: [k for k in ('ar', 'tar') if any(t.kind == k for t in ts)]
+        train = [PenaltyColumn(f'train_{k}', partial(self._train_value, k))
+                 for k in kinds(self._train_targets)] if self.show_columns else []
+        valid = [PenaltyColumn(f'valid_{k}', partial(self._valid_value, k))
+                 for k in kinds(self.targets)] if self.valid_metrics else []
+        # A fit that raised never reached after_fit: drop the columns it left.
+        mets = [m for m in self.learn.metrics if not isinstance(m, PenaltyColumn)]
+        self.learn.metrics = train + mets + valid
+
+    # --- hooks: registered for one forward pass at a time --------------------------------------------
+    def _capture_now(self):
+        if self.training: return self._train_targets
+        gathering = any(isinstance(cb, GatherPredsCallback) for cb in self.learn.cbs)
+        return self.targets if self.valid_metrics and getattr(self, '_fitting', False) and not gathering else []
+
+    def before_batch(self):
+        self._clear_batch()
+        targets = self._capture_now()
+        if not targets: return
+        self._by_module = {}
+        for t in targets: self._by_module.setdefault(t.module, []).append(t)
+        self._hooks = Hooks(list(self._by_module), self._capture, detach=False)
+        # Removed when the model's forward ends, even by an exception: no hook of ours outlives a forward pass.
+        self._root_hook = self.learn.model.register_forward_hook(lambda *_: self._remove_hooks(), always_call=True)
+
+    def _capture(self, module, inp, out):
+        h, mask, seq_dim = read_output(module, out, self.seq_dim)
+        for t in self._by_module[module]:
+            s, n = _SUM_COUNT[t.kind](h, mask, seq_dim)
+            if t in self._stats:  # a module called several times per forward: pool its calls into one mean
+                s0, n0 = self._stats[t]
+                s, n = s0 + s.to(s0.device), n0 + n
+            self._stats[t] = (s, n)
+
+    def _remove_hooks(self):
+        if self._hooks is not None: self._hooks.remove()
+        if self._root_hook is not None: self._root_hook.remove()
+        self._hooks = self._root_hook = None
+
+    def _clear_batch(self):
+        self._stats, self._by_module = {}, {}
+
+    # --- the penalty ---------------------------------------------------------------------------------
+    def after_pred(self):
+        self._remove_hooks()
+        pred = self.learn.pred
+        if isinstance(pred, tuple) and len(pred) == 3 and isinstance(unwrap_model(self.learn.model), SequentialRNN):
+            self.learn.pred = pred[0]  # fastai text models return (logits, raw, dropped): the loss sees the logits
+
+    def after_loss(self):
+        if not self.training or not self._train_targets: return
+        missing = [t.name for t in self._train_targets if t not in self._stats]
+        if missing:
+            raise RuntimeError(f"TARCallback hooked {missing} but the model's forward pass did not call them: "
+                               "pass modules= / ar_modules= naming modules that run in forward")
+        pct, weighted = self.pct_train, []
+        for t in self._train_targets:
+            weighted.append(coef_at(t.coef, pct, _COEF_ARG[t.kind]) * mean_of(*self._stats[t]))
+        self.learn.loss_grad = self.learn.loss_grad + sum(weighted)
+        self._record(torch.stack([w.detach().float() for w in weighted]), pct)
+
+    def after_batch(self):
+        if self.training: self._clear_batch()  # the sums hold the graph, and so the activations
+        elif self._stats: self._add_valid()
+
+    # --- what the penalty did: fit-table columns, history, plot ----------------------------------------
+    def before_train(self): self._epoch_terms, self._epoch_batches = 0., 0
+    def before_validate(self): self._valid_sums = {}
+
+    def _record(self, terms, pct):
+        self._epoch_terms, self._epoch_batches = self._epoch_terms + terms, self._epoch_batches + 1
+        glob = [coef_at(c, pct, a) if not isinstance(c, (list, tuple)) else float('nan')
+                for c, a in ((self.alpha, 'alpha'), (self.beta, 'beta'))]
+        self._rows.append((self.train_iter, self.learn.loss.detach(), terms, *glob))
+
+    def _add_valid(self):
+        for t, (s, n) in self._stats.items():
+            s0, n0 = self._valid_sums.get(t, (0., 0))
+            self._valid_sums[t] = (s0 + s.detach(), n0 + n)
+
+    def _train_value(self, kind):
+        if not self._epoch_batches: return None
+        idx = [i for i, t in enumerate(self._train_targets) if t.kind == kind]
+        return (self._epoch_terms[idx].sum() / self._epoch_batches).item()
+
+    def _valid_value(self, kind):
+        means = [mean_of(s, n) for t, (s, n) in self._valid_sums.items() if t.kind == kind]
+        return sum(means).item() if means else None
+
+    @property
+    def history(self):
+        "A DataFrame with one row per training batch of the last fit: iter, loss, ar, tar, alpha, beta"
+        return history_frame(self._rows, getattr(self, '_train_targets', []))
+
+    def plot(self, ax=None):
+        "Plot the loss and the weighted AR/TAR terms of the last fit against iterations; returns the figure"
+        return plot_history(self.history, ax)
+
+    def __repr__(self):
+        head = f"TARCallback(alpha={self.alpha!r}, beta={self.beta!r}"
+        head += ', all_layers=True' if self.all_layers else ''
+        head += ', valid_metrics=True)' if self.valid_metrics else ')'
+        try: targets = self.targets or (self._find() if self.learn is not None else [])
+        except (ValueError, TypeError) as e: return f"{head}\n  cannot hook: {e}"
+        if not targets: return f"{head}\n  hooks: found when attached to a learner"
+        return '\n'.join([head] + [f"  {t!r}" for t in targets])

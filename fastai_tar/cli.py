@@ -1,0 +1,28 @@
+"The `fastai-tar` command: `demo` shows what AR/TAR does on an offline corpus, `bench` measures speed and memory."
+import argparse
+import sys
+
+__all__ = ['main']
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import bench, demo
+    p = argparse.ArgumentParser(prog='fastai-tar', description=__doc__)
+    sub = p.add_subparsers(dest='command', required=True)
+    for name, mod in (('demo', demo), ('bench', bench)):
+        sp = sub.add_parser(name, help=mod.__doc__.splitlines()[0], description=mod.__doc__)
+        mod.add_arguments(sp)
+        sp.set_defaults(run=mod.run)
+    return p
+
+
+def main(argv=None) -> int:
+    "Entry point of the console script; returns the exit status."
+    args = _parser().parse_args(argv)
+    try: return args.run(args) or 0
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        print(f"fastai-tar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__': sys.exit(main())

@@ -1,0 +1,155 @@
+"""Which modules AR and TAR read, and how their outputs become `(activations, mask, seq_dim)`.
+
+For fastai's text models the places are known: the AWD-LSTM encoder's raw output (TAR) and the
+language model decoder's output dropout (AR), or the `SentenceEncoder` of a classifier, whose
+output carries the padding mask. For any other model the last `nn.RNNBase` is used.
+"""
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn, Tensor
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from fastai.text.models.awdlstm import AWD_LSTM, WeightDropout
+from fastai.text.models.core import LinearDecoder, SentenceEncoder
+
+__all__ = ['Target', 'unwrap_model', 'find_targets', 'read_output']
+
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+@dataclass(eq=False)
+class Target:
+    "One regularized term: `kind` ('ar' or 'tar') of the output of `module`, weighted by `coef`."
+    kind: str
+    name: str  # the module's name in `model.named_modules()`
+    module: nn.Module
+    coef: Any  # a number, or a schedule: a callable of `pct_train`
+
+    def __repr__(self):
+        coef = self.coef if not callable(self.coef) else getattr(self.coef, '__name__', type(self.coef).__name__)
+        return f"{self.kind.upper()}({self.name or 'model'}, {'alpha' if self.kind == 'ar' else 'beta'}={coef})"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    "The model inside `DistributedDataParallel` / `nn.DataParallel` wrappers."
+    while isinstance(model, _WRAPPERS): model = model.module
+    return model
+
+
+def _named(model, cls):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+
+
+def _default_places(model: nn.Module, all_layers: bool) -> tuple[list, list]:
+    "(TAR places, AR places) as `(name, module)` lists, found from the model's structure."
+    encoders = _named(model, SentenceEncoder)
+    if encoders:  # classifier: the encoder output is the last layer's raw output with its padding mask
+        if all_layers:
+            raise ValueError("all_layers=True needs the per-layer outputs of an AWD_LSTM, but a classifier's "
+                             "SentenceEncoder joins its bptt chunks only at its output: use all_layers=False")
+        return encoders[-1:], encoders[-1:]
+    awd = _named(model, AWD_LSTM)
+    if awd:
+        name, enc = awd[-1]
+        decoders = _named(model, LinearDecoder)
+        last_dropped = [(f'{n}.output_dp' if n else 'output_dp', d.output_dp) for n, d in decoders[-1:]]
+        if not all_layers: return [(name, enc)], last_dropped or [(name, enc)]
+        prefix = f'{name}.' if name else ''
+        tar = [(f'{prefix}rnns.{i}', r) for i, r in enumerate(enc.rnns)]
+        ar = [(f'{prefix}hidden_dps.{i}', d) for i, d in enumerate(enc.hidden_dps)][:-1]
+        return tar, ar + (last_dropped or tar[-1:])
+    rnns = _named(model, nn.RNNBase)
+    if rnns: return (rnns, rnns) if all_layers else (rnns[-1:], rnns[-1:])
+    raise ValueError(
+        f"TARCallback found nothing to regularize in {type(model).__name__}: it looked for a fastai "
+        "SentenceEncoder (classifier), an AWD_LSTM (language model) and an nn.LSTM/nn.GRU/nn.RNN. Name the "
+        "module(s) whose output is the recurrent activation: TARCallback(modules=['encoder.rnn']) with names "
+        "from model.named_modules(), or the module objects themselves.")
+
+
+def _lookup(model: nn.Module, spec, arg: str) -> tuple[str, nn.Module]:
+    "`(name, module)` for a module or a name of `model.named_modules()`."
+    named = dict(model.named_modules())
+    if isinstance(spec, nn.Module):
+        for n, m in named.items():
+            if m is spec: return n, m
+        raise ValueError(f"{arg}: the module {type(spec).__name__} is not part of the learner's model")
+    if isinstance(spec, str):
+        key = spec.removeprefix('module.') if spec not in named else spec
+        if key in named: return key, named[key]
+        some = ', '.join(repr(n) for n in list(named)[1:9])
+        raise ValueError(f"{arg}: no module named {spec!r} in the model; names come from model.named_modules(), "
+                         f"e.g. {some}")
+    raise TypeError(f"{arg} takes modules or names from model.named_modules(), got {type(spec).__name__}")
+
+
+def _as_items(spec, coef, arg: str, coef_arg: str) -> list[tuple[Any, Any]]:
+    "Pair each module spec with its coefficient: a dict gives its own, a list of coefficients matches by position."
+    if isinstance(spec, dict): return list(spec.items())
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if isinstance(coef, (list, tuple)):
+        if len(coef) != len(specs):
+            raise ValueError(f"{coef_arg} has {len(coef)} coefficients but {arg} names {len(specs)} modules: "
+                             f"give one coefficient per module, or a single number for all")
+        return list(zip(specs, coef))
+    return [(s, coef) for s in specs]
+
+
+def find_targets(
+    model: nn.Module,  # the learner's model, possibly wrapped in DistributedDataParallel
+    alpha: Any,  # AR coefficient: a number, a schedule, or one per AR module
+    beta: Any,  # TAR coefficient: a number, a schedule, or one per TAR module
+    modules=None,  # TAR places; None: found from the model's structure
+    ar_modules=None,  # AR places; None: the fastai LM's output dropout, else the same as `modules`
+    all_layers: bool = False,  # every layer of a fastai AWD_LSTM, not only the last
+) -> list[Target]:
+    "The AR and TAR terms for `model`, zero coefficients included (they still feed validation metrics)."
+    model = unwrap_model(model)
+    if modules is None:
+        tar_places, ar_places = _default_places(model, all_layers)
+        modules = [m for _, m in tar_places]
+        if ar_modules is None: ar_modules = [m for _, m in ar_places]
+    elif ar_modules is None: ar_modules = list(modules) if isinstance(modules, dict) else modules
+    targets = []
+    for kind, spec, coef, arg, coef_arg in (('ar', ar_modules, alpha, 'ar_modules', 'alpha'),
+                                            ('tar', modules, beta, 'modules', 'beta')):
+        for s, c in _as_items(spec, coef, arg, coef_arg):
+            name, module = _lookup(model, s, arg)
+            targets.append(Target(kind, name, module, c))
+    return targets
+
+
+def _time_axis(module: nn.Module, h: Tensor, default: int) -> int:
+    rnn = module.module if isinstance(module, WeightDropout) else module
+    if isinstance(rnn, nn.RNNBase):
+        if h.dim() == 2: return 0  # unbatched input: (L, H)
+        return 1 if rnn.batch_first else 0
+    return default
+
+
+def _packed_mask(lengths: Tensor, sl: int, device) -> Tensor:
+    return torch.arange(sl, device=device)[None] < lengths.to(device)[:, None]
+
+
+def read_output(
+    module: nn.Module,  # the hooked module
+    output,  # what its forward returned
+    seq_dim: int = 1,  # the time axis where the module does not say (`batch_first`)
+) -> tuple[Tensor, Tensor | None, int]:
+    "`(h, mask, seq_dim)` from a module's output: mask True where the position is real data."
+    if isinstance(module, SentenceEncoder):
+        outs, pad = output
+        return outs, ~pad, 1
+    if isinstance(output, (tuple, list)) and output: output = output[0]  # RNNs return (output, state)
+    if isinstance(output, PackedSequence):
+        h, lengths = pad_packed_sequence(output, batch_first=True)
+        return h, _packed_mask(lengths, h.shape[1], h.device), 1
+    if not isinstance(output, Tensor) or not output.is_floating_point() or output.dim() < 2:
+        what = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) \
+            else type(output).__name__
+        raise TypeError(f"TARCallback cannot read the output of {type(module).__name__} ({what}): hook modules "
+                        "that return a float tensor with time and feature dims, an (output, state) tuple or a "
+                        "PackedSequence, through modules= / ar_modules=")
+    return output, None, _time_axis(module, output, seq_dim)
+
