@@ -23,10 +23,19 @@ def lm_dls(n=16, bs=BS, sl=SL, seed=0):
     g = torch.Generator().manual_seed(seed)
     stream = torch.randint(2, VOCAB, (n * (sl + 1),), generator=g).view(n, sl + 1)
     items = list(zip(stream[:, :-1], stream[:, 1:]))
-    dls = DataLoaders.from_dsets(items, items[: max(bs, n // 4)], bs=bs, shuffle=False, device='cpu')
+    dls = DataLoaders.from_dsets(items, items[: max(bs, n // 4)], bs=bs, shuffle=False, device='cpu', num_workers=0)
     dls.vocab = [f'w{i}' for i in range(VOCAB)]
     return dls
 
 
 @pytest.fixture
 def dls(): return lm_dls()
+
+
+@pytest.fixture(autouse=True, scope='session')
+def one_thread():
+    "Tiny models on 2 cores: a second intra-op thread only adds contention (a 10 ms fit took 2 s with two)."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

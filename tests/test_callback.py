@@ -130,7 +130,7 @@ def clas_batch(pad_idx=1):
 def test_classifier_padding_changes_nothing():
     "TAR/AR of a padded classifier batch equal the reference over the real tokens only; fastai's counts padding."
     x, y = clas_batch()
-    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=3, shuffle=False, device='cpu')
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=3, shuffle=False, device='cpu', num_workers=0)
 
     def model():
         torch.manual_seed(0)
@@ -192,7 +192,7 @@ def test_packed_sequence_against_reference_on_unpadded_steps():
     lengths = [SL, 7, 3, 1]
     for i, n in enumerate(lengths): x[i, n:] = 0
     y = torch.tensor([0, 1, 1, 0])
-    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=4, shuffle=False, device='cpu')
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=4, shuffle=False, device='cpu', num_workers=0)
     torch.manual_seed(0)
     model = PackedGRU()
     cap = Capture([model.rnn])
