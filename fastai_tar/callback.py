@@ -3,17 +3,17 @@ import warnings
 from functools import partial
 
 import torch
-from fastai.callback.core import Callback, GatherPredsCallback
+from fastai.callback.core import Callback
 from fastai.callback.hook import Hooks
 from fastai.callback.rnn import RNNRegularizer
 from fastai.callback.training import GradientAccumulation
 from fastai.text.models.core import SequentialRNN
 from fastcore.basics import store_attr
 
-from .columns import PenaltyColumn
+from .columns import PenaltyColumn, column_layout
 from .functional import ar_sum_count, mean_of, tar_sum_count
-from .history import history_frame, plot_history
-from .schedule import check_coef, coef_at
+from .history import history_frame, plot_history, rows_to_cpu
+from .schedule import check_coef, coef_at, describe_coef
 from .targets import find_targets, read_output, unwrap_model
 
 __all__ = ['TARCallback']
@@ -52,19 +52,27 @@ class TARCallback(Callback):
 
     def before_fit(self):
         self._remove_hooks()
+        self._drop_columns()  # a fit that raised never reached after_fit: drop the columns it left
+        # `learn.validate()` and `get_preds()` send before_fit/after_fit too: they must keep the last fit's history.
+        if self._in_validation_context(): return
         self.targets = self._find()
         # A zero coefficient adds nothing, so its module is hooked only for the validation metrics.
         self._train_targets = [t for t in self.targets if callable(t.coef) or t.coef != 0]
-        self._rows, self._fitting = [], True
+        self._rows = []
         self._silence_fastai_regularizer()
         self._add_columns()
 
     def after_fit(self):
         self._remove_hooks()
         self._clear_batch()
+        if self._in_validation_context(): return
         self._restore_fastai_regularizer()
-        self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, PenaltyColumn)]
-        self._fitting = False
+        self._drop_columns()
+
+    def _in_validation_context(self) -> bool:
+        "Inside `learn.validate()` / `get_preds()` / `predict()`: fastai holds the learner's lock there."
+        locked = getattr(getattr(self.learn, 'lock', None), 'locked', None)
+        return bool(locked and locked()) or hasattr(self.learn, 'gather_preds')
 
     def _silence_fastai_regularizer(self):
         "fastai's `TextLearner` adds `RNNRegularizer(alpha=2, beta=1)`: switch it off so the penalty counts once."
@@ -85,20 +93,25 @@ class TARCallback(Callback):
         self._silenced = []
 
     def _add_columns(self):
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is None: return
         kinds = lambda ts: [k for k in ('ar', 'tar') if any(t.kind == k for t in ts)]
-        train = [PenaltyColumn(f'train_{k}', partial(self._train_value, k))
-                 for k in kinds(self._train_targets)] if self.show_columns else []
-        valid = [PenaltyColumn(f'valid_{k}', partial(self._valid_value, k))
-                 for k in kinds(self.targets)] if self.valid_metrics else []
-        # A fit that raised never reached after_fit: drop the columns it left.
-        mets = [m for m in self.learn.metrics if not isinstance(m, PenaltyColumn)]
-        self.learn.metrics = train + mets + valid
+        train_kinds = kinds(self._train_targets) if self.show_columns else []
+        valid_kinds = kinds(self.targets) if self.valid_metrics else []
+        if valid_kinds and not rec.valid_metrics:
+            warnings.warn("TARCallback(valid_metrics=True) has no column to show: the Recorder logs no validation "
+                          "metrics (Recorder(valid_metrics=False))", stacklevel=2)
+        before, after = column_layout(train_kinds, valid_kinds, rec.train_metrics, rec.valid_metrics)
+        col = lambda name, kind, phase: PenaltyColumn(name, partial(self._column_value, kind, phase))
+        self.learn.metrics = [col(*c) for c in before] + list(self.learn.metrics) + [col(*c) for c in after]
+
+    def _drop_columns(self):
+        self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, PenaltyColumn)]
 
     # --- hooks: registered for one forward pass at a time --------------------------------------------
     def _capture_now(self):
         if self.training: return self._train_targets
-        gathering = any(isinstance(cb, GatherPredsCallback) for cb in self.learn.cbs)
-        return self.targets if self.valid_metrics and getattr(self, '_fitting', False) and not gathering else []
+        return self.targets if self.valid_metrics and not self._in_validation_context() else []
 
     def before_batch(self):
         self._clear_batch()
@@ -108,7 +121,13 @@ class TARCallback(Callback):
         for t in targets: self._by_module.setdefault(t.module, []).append(t)
         self._hooks = Hooks(list(self._by_module), self._capture, detach=False)
         # Removed when the model's forward ends, even by an exception: no hook of ours outlives a forward pass.
-        self._root_hook = self.learn.model.register_forward_hook(lambda *_: self._remove_hooks(), always_call=True)
+        self._root_hook = self.learn.model.register_forward_hook(self._forward_ended, always_call=True)
+
+    def _forward_ended(self, model, inp, out):
+        self._remove_hooks()
+        # torch passes out=None when the forward raised: no after_batch follows to drop the partial sums,
+        # which hold the graph and so the activations.
+        if out is None: self._clear_batch()
 
     def _capture(self, module, inp, out):
         h, mask, seq_dim = read_output(module, out, self.seq_dim)
@@ -135,59 +154,73 @@ class TARCallback(Callback):
             self.learn.pred = pred[0]  # fastai text models return (logits, raw, dropped): the loss sees the logits
 
     def after_loss(self):
-        if not self.training or not self._train_targets: return
+        if not self.training: return
         missing = [t.name for t in self._train_targets if t not in self._stats]
         if missing:
             raise RuntimeError(f"TARCallback hooked {missing} but the model's forward pass did not call them: "
                                "pass modules= / ar_modules= naming modules that run in forward")
-        pct, weighted = self.pct_train, []
-        for t in self._train_targets:
-            weighted.append(coef_at(t.coef, pct, _COEF_ARG[t.kind]) * mean_of(*self._stats[t]))
-        self.learn.loss_grad = self.learn.loss_grad + sum(weighted)
-        self._record(torch.stack([w.detach().float() for w in weighted]), pct)
+        # The coefficients of all targets, zeros included, so that the history shows each one used.
+        coefs = [coef_at(t.coef, self.pct_train, _COEF_ARG[t.kind]) for t in self.targets]
+        weighted = {t: c * mean_of(*self._stats[t]) for t, c in zip(self.targets, coefs) if t in self._stats}
+        if weighted: self.learn.loss_grad = self.learn.loss_grad + sum(weighted.values())
+        self._record(weighted, coefs)
 
     def after_batch(self):
-        if self.training: self._clear_batch()  # the sums hold the graph, and so the activations
-        elif self._stats: self._add_valid()
+        if not self.training and self._stats: self._add_valid()
+        self._clear_batch()  # in training the sums hold the graph, and so the activations
 
     # --- what the penalty did: fit-table columns, history, plot ----------------------------------------
-    def before_train(self): self._epoch_terms, self._epoch_batches = 0., 0
+    def before_train(self): self._epoch_terms, self._epoch_batches, self._epoch_start = 0., 0, len(self._rows)
+
+    def after_train(self):
+        # Once per epoch: a long fit keeps no per-batch tensor on the accelerator.
+        self._rows[self._epoch_start:] = rows_to_cpu(self._rows[self._epoch_start:])
+
     def before_validate(self): self._valid_sums = {}
 
-    def _record(self, terms, pct):
+    def _record(self, weighted, coefs):
+        "One history row; the epoch's running sums for the fit table. No `.item()`: no device sync per batch."
+        zero = self.learn.loss.new_zeros((), dtype=torch.float32)
+        terms = torch.stack([weighted[t].detach().float() if t in weighted else zero for t in self.targets])
         self._epoch_terms, self._epoch_batches = self._epoch_terms + terms, self._epoch_batches + 1
-        glob = [coef_at(c, pct, a) if not isinstance(c, (list, tuple)) else float('nan')
-                for c, a in ((self.alpha, 'alpha'), (self.beta, 'beta'))]
-        self._rows.append((self.train_iter, self.learn.loss.detach(), terms, *glob))
+        self._rows.append((self.train_iter, self.learn.loss.detach(), terms, coefs))
 
     def _add_valid(self):
         for t, (s, n) in self._stats.items():
             s0, n0 = self._valid_sums.get(t, (0., 0))
             self._valid_sums[t] = (s0 + s.detach(), n0 + n)
 
-    def _train_value(self, kind):
-        if not self._epoch_batches: return None
-        idx = [i for i, t in enumerate(self._train_targets) if t.kind == kind]
-        return (self._epoch_terms[idx].sum() / self._epoch_batches).item()
-
-    def _valid_value(self, kind):
-        means = [mean_of(s, n) for t, (s, n) in self._valid_sums.items() if t.kind == kind]
+    def _column_value(self, kind, phase):
+        "Epoch mean of the weighted training term, or the unweighted validation penalty; None where not computed."
+        if phase is None: phase = 'train' if self.training else 'valid'  # the Recorder logs both phases
+        if phase == 'train':
+            idx = [i for i, t in enumerate(self.targets) if t.kind == kind and t in self._train_targets]
+            if not idx or not getattr(self, '_epoch_batches', 0): return None
+            return (self._epoch_terms[idx].sum() / self._epoch_batches).item()
+        means = [mean_of(s, n) for t, (s, n) in getattr(self, '_valid_sums', {}).items() if t.kind == kind]
         return sum(means).item() if means else None
 
     @property
     def history(self):
         "A DataFrame with one row per training batch of the last fit: iter, loss, ar, tar, alpha, beta"
-        return history_frame(self._rows, getattr(self, '_train_targets', []))
+        return history_frame(self._rows, self.targets)
 
     def plot(self, ax=None):
         "Plot the loss and the weighted AR/TAR terms of the last fit against iterations; returns the figure"
         return plot_history(self.history, ax)
 
     def __repr__(self):
-        head = f"TARCallback(alpha={self.alpha!r}, beta={self.beta!r}"
+        head = f"TARCallback(alpha={describe_coef(self.alpha)}, beta={describe_coef(self.beta)}"
         head += ', all_layers=True' if self.all_layers else ''
         head += ', valid_metrics=True)' if self.valid_metrics else ')'
         try: targets = self.targets or (self._find() if self.learn is not None else [])
         except (ValueError, TypeError) as e: return f"{head}\n  cannot hook: {e}"
         if not targets: return f"{head}\n  hooks: found when attached to a learner"
-        return '\n'.join([head] + [f"  {t!r}" for t in targets])
+        return '\n'.join([head] + [_describe_target(t) for t in targets])
+
+
+def _describe_target(t) -> str:
+    "`  TAR 0.rnns.1 (WeightDropout): beta=1.0`; a zero coefficient feeds only the validation metrics."
+    coef = describe_coef(t.coef)
+    off = ' (off in training)' if not callable(t.coef) and t.coef == 0 else ''
+    return f"  {t.kind.upper():<3} {t.name or '<model>'} ({type(t.module).__name__}): {_COEF_ARG[t.kind]}={coef}{off}"

@@ -2,7 +2,7 @@
 import math
 from numbers import Real
 
-__all__ = ['check_coef', 'coef_at']
+__all__ = ['check_coef', 'coef_at', 'describe_coef']
 
 
 def _bad(arg, value):
@@ -28,4 +28,21 @@ def check_coef(coef, arg: str):
     values = coef.values() if isinstance(coef, dict) else coef if isinstance(coef, (list, tuple)) else [coef]
     for c in values:
         if isinstance(c, bool) or not (callable(c) or isinstance(c, Real)): raise _bad(arg, c)
-        coef_at(c, 0., arg)
+        # Both ends of training: a linear or cosine schedule that goes negative does so at one of them.
+        for pct in (0., 1.): coef_at(c, pct, arg)
+
+
+def describe_coef(coef) -> str:
+    "A short readable form of a coefficient for `repr`: `2.0`, `SchedLin(0.0, 1.0)`, `combine_scheds(...)`."
+    if isinstance(coef, dict): return '{' + ', '.join(f'{k!r}: {describe_coef(v)}' for k, v in coef.items()) + '}'
+    if isinstance(coef, (list, tuple)): return '[' + ', '.join(describe_coef(c) for c in coef) + ']'
+    if not callable(coef): return repr(float(coef)) if isinstance(coef, Real) else repr(coef)
+    f = getattr(coef, 'f', None)  # fastai's `_Annealer`: `SchedLin(start, end)` keeps `f=sched_lin`
+    if f is not None and hasattr(coef, 'start') and getattr(f, '__name__', '').startswith('sched_'):
+        name = 'Sched' + f.__name__[len('sched_'):].capitalize()
+        return f"{name}({coef.start!r}, {coef.end!r})"
+    qual = getattr(coef, '__qualname__', None) or type(coef).__qualname__
+    outer, _, inner = qual.rpartition('.<locals>.')
+    if inner == '<lambda>': return 'lambda'
+    # A private closure such as `combine_scheds`' `_inner` is best named by the function that built it.
+    return f"{outer.split('.')[-1]}(...)" if outer and inner.startswith('_') else inner

@@ -106,13 +106,14 @@ def find_targets(
 ) -> list[Target]:
     "The AR and TAR terms for `model`, zero coefficients included (they still feed validation metrics)."
     model = unwrap_model(model)
+    ar_arg = 'ar_modules' if ar_modules is not None or modules is None else 'modules'  # where a bad name came from
     if modules is None:
         tar_places, ar_places = _default_places(model, all_layers)
         modules = [m for _, m in tar_places]
         if ar_modules is None: ar_modules = [m for _, m in ar_places]
     elif ar_modules is None: ar_modules = list(modules) if isinstance(modules, dict) else modules
     targets = []
-    for kind, spec, coef, arg, coef_arg in (('ar', ar_modules, alpha, 'ar_modules', 'alpha'),
+    for kind, spec, coef, arg, coef_arg in (('ar', ar_modules, alpha, ar_arg, 'alpha'),
                                             ('tar', modules, beta, 'modules', 'beta')):
         for s, c in _as_items(spec, coef, arg, coef_arg):
             name, module = _lookup(model, s, arg)

@@ -57,7 +57,7 @@ def test_wrapped_models_are_searched_inside():
 
 def test_bad_specs_raise_clear_errors():
     model = tiny_lm()
-    with pytest.raises(ValueError, match=r"no module named 'encoder'.*named_modules"):
+    with pytest.raises(ValueError, match=r"^modules: no module named 'encoder'.*named_modules"):
         find_targets(model, 2., 1., modules='encoder')
     with pytest.raises(ValueError, match='not part of'): find_targets(model, 2., 1., modules=nn.LSTM(2, 2))
     with pytest.raises(TypeError, match='modules'): find_targets(model, 2., 1., modules=3)

@@ -1,0 +1,71 @@
+"Coefficients: numbers and fastai schedules of pct_train, checked when given and when used (`fastai_tar/schedule.py`)."
+import math
+
+import numpy as np
+import pytest
+import torch
+from fastai.callback.schedule import SchedCos, SchedExp, SchedLin, SchedNo, SchedPoly, combine_scheds
+
+from fastai_tar.schedule import check_coef, coef_at, describe_coef
+
+PCTS = [0., 0.1, 0.25, 0.5, 0.8, 0.999]
+
+
+@pytest.mark.parametrize('coef, expected', [
+    (2., lambda p: 2.),
+    (3, lambda p: 3.),
+    (SchedLin(0., 2.), lambda p: 2. * p),
+    (SchedCos(1., 0.), lambda p: 1. - (1 - math.cos(math.pi * p)) / 2),
+    (combine_scheds([0.25, 0.75], [SchedNo(0., 0.), SchedLin(0., 1.)]), lambda p: max(0., (p - 0.25) / 0.75)),
+    (lambda p: 0.5 + p, lambda p: 0.5 + p),
+    (lambda p: torch.tensor(p * 4.), lambda p: 4. * p),  # a 0-d tensor, as array-valued fastai schedules give
+    (lambda p: np.float32(p), lambda p: float(np.float32(p))),
+])
+def test_value_at_pct_is_the_schedule(coef, expected):
+    for p in PCTS:
+        v = coef_at(coef, p, 'beta')
+        assert type(v) is float
+        assert v == pytest.approx(expected(p), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize('bad', [-1., -1e-9, float('nan'), float('inf'), '2', None, True, object()])
+def test_bad_numbers_rejected_naming_the_argument(bad):
+    with pytest.raises(ValueError, match=r'^alpha must be a finite number >= 0 or a schedule'):
+        check_coef(bad, 'alpha')
+
+
+@pytest.mark.parametrize('sched', [SchedLin(1., -1.), SchedCos(-1., 1.), lambda p: float('nan'), lambda p: 'x',
+                                   lambda p: -p])
+def test_schedule_negative_or_not_a_number_at_either_end_rejected_when_given(sched):
+    with pytest.raises(ValueError, match='beta'): check_coef(sched, 'beta')
+
+
+def test_schedule_negative_only_inside_training_rejected_when_used():
+    dip = lambda p: abs(p - 0.5) - 0.1  # 0.4 at both ends, -0.1 at pct_train=0.5
+    check_coef(dip, 'beta')  # the ends are fine
+    assert coef_at(dip, 0.1, 'beta') == pytest.approx(0.3)
+    with pytest.raises(ValueError, match=r"^beta must be .* got -0.1"): coef_at(dip, 0.5, 'beta')
+
+
+def test_lists_and_dicts_check_every_coefficient():
+    check_coef([0., 1., SchedLin(0., 2.)], 'alpha')
+    check_coef({'0.rnns.0': 0.5, 'x': SchedCos(1., 0.)}, 'beta')
+    with pytest.raises(ValueError, match='alpha'): check_coef([1., -2.], 'alpha')
+    with pytest.raises(ValueError, match='beta'): check_coef({'a': 1., 'b': float('inf')}, 'beta')
+    with pytest.raises(ValueError, match='beta'): check_coef({'a': SchedLin(0., -1.)}, 'beta')
+
+
+def test_describe_coef_is_readable():
+    assert describe_coef(2) == '2.0'
+    assert describe_coef(0.5) == '0.5'
+    assert describe_coef(SchedLin(0., 1.)) == 'SchedLin(0.0, 1.0)'
+    assert describe_coef(SchedCos(2, 0)) == 'SchedCos(2, 0)'
+    assert describe_coef(SchedExp(1., 2.)) == 'SchedExp(1.0, 2.0)'
+    assert describe_coef(combine_scheds([0.5, 0.5], [SchedNo(0., 0.), SchedLin(0., 1.)])) == 'combine_scheds(...)'
+    assert describe_coef(SchedPoly(0., 1., 2)) == 'SchedPoly(...)'
+    assert describe_coef(lambda p: p) == 'lambda'
+
+    def warmup(p): return min(1., 10 * p)
+    assert describe_coef(warmup) == 'warmup'
+    assert describe_coef([1, SchedLin(0., 2.)]) == '[1.0, SchedLin(0.0, 2.0)]'
+    assert describe_coef({'0.rnns.0': 0.5}) == "{'0.rnns.0': 0.5}"
