@@ -1,10 +1,11 @@
 "`TARCallback`: AR and TAR of hooked recurrent activations, added to a fastai learner's training loss."
+import threading
 import warnings
 from functools import partial
 
 import torch
 from fastai.callback.core import Callback
-from fastai.callback.hook import Hooks
+from fastai.callback.hook import Hook
 from fastai.callback.rnn import RNNRegularizer
 from fastai.callback.training import GradientAccumulation
 from fastai.text.models.core import SequentialRNN
@@ -14,12 +15,11 @@ from .columns import PenaltyColumn, column_layout
 from .functional import ar_sum_count, mean_of, tar_sum_count
 from .history import history_frame, plot_history, rows_to_cpu
 from .schedule import check_coef, coef_at, describe_coef
-from .targets import find_targets, read_output, unwrap_model
+from .targets import COEF_ARG, find_targets, read_output, unwrap_model
 
 __all__ = ['TARCallback']
 
 _SUM_COUNT = {'ar': ar_sum_count, 'tar': tar_sum_count}
-_COEF_ARG = {'ar': 'alpha', 'tar': 'beta'}
 
 
 class TARCallback(Callback):
@@ -27,6 +27,8 @@ class TARCallback(Callback):
     # after_loss must add the penalty before `GradientAccumulation` rescales `loss_grad`, and run in
     # validation too: after_pred strips fastai's (logits, raw, dropped) tuple there as well.
     order, run_valid = GradientAccumulation.order - 1, True
+    # Per-batch and per-fit state: not pickled by `learn.export()`, rebuilt by `_init_state`.
+    _stateattrs = ('_rows', '_stats', '_hooks', '_root_hook', '_lock', '_valid_sums', '_epoch_terms')
 
     def __init__(self,
         alpha=2.,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or one per AR module
@@ -42,9 +44,29 @@ class TARCallback(Callback):
         for spec, coef_arg in ((modules, 'beta'), (ar_modules, 'alpha')):
             if isinstance(spec, dict): check_coef(spec, coef_arg)
         store_attr()
-        self.targets, self._rows, self._silenced, self._warned = [], [], [], False
-        self._hooks = self._root_hook = None
+        self.targets, self._silenced, self._warned = [], [], False
+        self._init_state()
+
+    def _init_state(self):
+        self._rows, self._valid_sums, self._epoch_terms = [], {}, 0.
+        self._hooks, self._root_hook = [], None
+        self._lock = threading.Lock()  # nn.DataParallel runs the hooked replicas in threads
         self._clear_batch()
+
+    @property
+    def learn(self): return self.__dict__.get('_learn')
+
+    @learn.setter
+    def learn(self, learn):
+        # `learn.remove_cb` sets None. After a fit that raised (no after_fit) this is the last chance to
+        # give fastai's RNNRegularizer its coefficients back and to take our columns out of the table.
+        old = self.learn
+        if learn is None and old is not None:
+            self._remove_hooks()
+            self._clear_batch()
+            self._restore_fastai_regularizer()
+            self._drop_columns(old)
+        self.__dict__['_learn'] = learn
 
     # --- set-up and tear-down around fit ---------------------------------------------------------
     def _find(self):
@@ -71,6 +93,7 @@ class TARCallback(Callback):
 
     def _in_validation_context(self) -> bool:
         "Inside `learn.validate()` / `get_preds()` / `predict()`: fastai holds the learner's lock there."
+        # `gather_preds` is get_preds' GatherPredsCallback, a fallback for learners without the lock.
         locked = getattr(getattr(self.learn, 'lock', None), 'locked', None)
         return bool(locked and locked()) or hasattr(self.learn, 'gather_preds')
 
@@ -105,8 +128,9 @@ class TARCallback(Callback):
         col = lambda name, kind, phase: PenaltyColumn(name, partial(self._column_value, kind, phase))
         self.learn.metrics = [col(*c) for c in before] + list(self.learn.metrics) + [col(*c) for c in after]
 
-    def _drop_columns(self):
-        self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, PenaltyColumn)]
+    def _drop_columns(self, learn=None):
+        learn = learn or self.learn
+        learn.metrics = [m for m in learn.metrics if not isinstance(m, PenaltyColumn)]
 
     # --- hooks: registered for one forward pass at a time --------------------------------------------
     def _capture_now(self):
@@ -117,9 +141,10 @@ class TARCallback(Callback):
         self._clear_batch()
         targets = self._capture_now()
         if not targets: return
-        self._by_module = {}
-        for t in targets: self._by_module.setdefault(t.module, []).append(t)
-        self._hooks = Hooks(list(self._by_module), self._capture, detach=False)
+        by_module = {}
+        for t in targets: by_module.setdefault(t.module, []).append(t)
+        # Each hook carries its module's targets: nn.DataParallel calls it with a replica of the module.
+        self._hooks = [Hook(m, partial(self._capture, ts), detach=False) for m, ts in by_module.items()]
         # Removed when the model's forward ends, even by an exception: no hook of ours outlives a forward pass.
         self._root_hook = self.learn.model.register_forward_hook(self._forward_ended, always_call=True)
 
@@ -129,26 +154,26 @@ class TARCallback(Callback):
         # which hold the graph and so the activations.
         if out is None: self._clear_batch()
 
-    def _capture(self, module, inp, out):
+    def _capture(self, targets, module, inp, out):
         h, mask, seq_dim = read_output(module, out, self.seq_dim)
-        for t in self._by_module[module]:
+        for t in targets:
             s, n = _SUM_COUNT[t.kind](h, mask, seq_dim)
-            if t in self._stats:  # a module called several times per forward: pool its calls into one mean
-                s0, n0 = self._stats[t]
-                s, n = s0 + s.to(s0.device), n0 + n
-            self._stats[t] = (s, n)
+            with self._lock:
+                if t in self._stats:  # a module called several times per forward: pool its calls into one mean
+                    s0, n0 = self._stats[t]
+                    s, n = s0 + s.to(s0.device), n0 + (n.to(s0.device) if isinstance(n, torch.Tensor) else n)
+                self._stats[t] = (s, n)
 
     def _remove_hooks(self):
-        if self._hooks is not None: self._hooks.remove()
+        for h in self._hooks: h.remove()
         if self._root_hook is not None: self._root_hook.remove()
-        self._hooks = self._root_hook = None
+        self._hooks, self._root_hook = [], None
 
     def _clear_batch(self):
-        self._stats, self._by_module = {}, {}
+        self._stats = {}
 
     # --- the penalty ---------------------------------------------------------------------------------
     def after_pred(self):
-        self._remove_hooks()
         pred = self.learn.pred
         if isinstance(pred, tuple) and len(pred) == 3 and isinstance(unwrap_model(self.learn.model), SequentialRNN):
             self.learn.pred = pred[0]  # fastai text models return (logits, raw, dropped): the loss sees the logits
@@ -160,12 +185,13 @@ class TARCallback(Callback):
             raise RuntimeError(f"TARCallback hooked {missing} but the model's forward pass did not call them: "
                                "pass modules= / ar_modules= naming modules that run in forward")
         # The coefficients of all targets, zeros included, so that the history shows each one used.
-        coefs = [coef_at(t.coef, self.pct_train, _COEF_ARG[t.kind]) for t in self.targets]
+        coefs = [coef_at(t.coef, self.pct_train, COEF_ARG[t.kind]) for t in self.targets]
         weighted = {t: c * mean_of(*self._stats[t]) for t, c in zip(self.targets, coefs) if t in self._stats}
         if weighted: self.learn.loss_grad = self.learn.loss_grad + sum(weighted.values())
         self._record(weighted, coefs)
 
     def after_batch(self):
+        self._remove_hooks()  # still there if a callback cancelled the batch before the forward pass
         if not self.training and self._stats: self._add_valid()
         self._clear_batch()  # in training the sums hold the graph, and so the activations
 
@@ -216,11 +242,4 @@ class TARCallback(Callback):
         try: targets = self.targets or (self._find() if self.learn is not None else [])
         except (ValueError, TypeError) as e: return f"{head}\n  cannot hook: {e}"
         if not targets: return f"{head}\n  hooks: found when attached to a learner"
-        return '\n'.join([head] + [_describe_target(t) for t in targets])
-
-
-def _describe_target(t) -> str:
-    "`  TAR 0.rnns.1 (WeightDropout): beta=1.0`; a zero coefficient feeds only the validation metrics."
-    coef = describe_coef(t.coef)
-    off = ' (off in training)' if not callable(t.coef) and t.coef == 0 else ''
-    return f"  {t.kind.upper():<3} {t.name or '<model>'} ({type(t.module).__name__}): {_COEF_ARG[t.kind]}={coef}{off}"
+        return '\n'.join([head] + [f"  {t!r}" for t in targets])

@@ -3,9 +3,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .targets import COEF_ARG
+
 __all__ = ['rows_to_cpu', 'history_frame', 'plot_history']
 
-_COEF = {'ar': 'alpha', 'tar': 'beta'}
 
 
 def rows_to_cpu(
@@ -30,16 +31,14 @@ def history_frame(
     """
     cols = ['iter', 'loss', 'ar', 'tar', 'alpha', 'beta']
     if not rows: return pd.DataFrame(columns=cols)
-    iters, losses, terms, coefs = zip(*rows)
-    # One transfer of all the batches' values, not one `.item()` (a device sync) per batch.
-    losses = torch.stack([l.detach().float().mean() for l in losses]).cpu().numpy()
-    terms = torch.stack(terms).cpu().double().numpy()
+    iters, losses, terms, coefs = zip(*rows_to_cpu(rows))
+    losses, terms = torch.stack(losses).numpy(), torch.stack(terms).double().numpy()
     coefs = np.asarray(coefs, dtype=np.float64).reshape(len(rows), len(targets))
     df = pd.DataFrame({'iter': iters, 'loss': losses})
-    idx = {k: [i for i, t in enumerate(targets) if t.kind == k] for k in _COEF}
-    for kind in _COEF: df[kind] = terms[:, idx[kind]].sum(axis=1)
+    idx = {k: [i for i, t in enumerate(targets) if t.kind == k] for k in COEF_ARG}
+    for kind in COEF_ARG: df[kind] = terms[:, idx[kind]].sum(axis=1)
     extra = {}
-    for kind, coef in _COEF.items():
+    for kind, coef in COEF_ARG.items():
         c = coefs[:, idx[kind]]
         shared = c.shape[1] > 0 and (c == c[:, :1]).all()
         df[coef] = c[:, 0] if shared else np.nan

@@ -13,9 +13,14 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from fastai.text.models.awdlstm import AWD_LSTM, WeightDropout
 from fastai.text.models.core import LinearDecoder, SentenceEncoder
 
-__all__ = ['Target', 'unwrap_model', 'find_targets', 'read_output']
+from .schedule import describe_coef
+
+__all__ = ['COEF_ARG', 'Target', 'unwrap_model', 'find_targets', 'read_output']
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+COEF_ARG = {'ar': 'alpha', 'tar': 'beta'}  # the argument that weights each kind
 
 
 @dataclass(eq=False)
@@ -27,14 +32,20 @@ class Target:
     coef: Any  # a number, or a schedule: a callable of `pct_train`
 
     def __repr__(self):
-        coef = self.coef if not callable(self.coef) else getattr(self.coef, '__name__', type(self.coef).__name__)
-        return f"{self.kind.upper()}({self.name or 'model'}, {'alpha' if self.kind == 'ar' else 'beta'}={coef})"
+        off = ' (off in training)' if not callable(self.coef) and self.coef == 0 else ''
+        return (f"{self.kind.upper():<3} {self.name or '<model>'} ({type(self.module).__name__}): "
+                f"{COEF_ARG[self.kind]}={describe_coef(self.coef)}{off}")
+
+
+_PREFIXES = ('module.', '_orig_mod.')  # what DDP / DataParallel and torch.compile put before every name
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    "The model inside `DistributedDataParallel` / `nn.DataParallel` wrappers."
-    while isinstance(model, _WRAPPERS): model = model.module
-    return model
+    "The model inside `DistributedDataParallel` / `nn.DataParallel` wrappers and `torch.compile`."
+    while True:
+        if isinstance(model, _WRAPPERS): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        else: return model
 
 
 def _named(model, cls):
@@ -76,7 +87,8 @@ def _lookup(model: nn.Module, spec, arg: str) -> tuple[str, nn.Module]:
             if m is spec: return n, m
         raise ValueError(f"{arg}: the module {type(spec).__name__} is not part of the learner's model")
     if isinstance(spec, str):
-        key = spec.removeprefix('module.') if spec not in named else spec
+        key = spec
+        while key not in named and key.startswith(_PREFIXES): key = key.split('.', 1)[1]
         if key in named: return key, named[key]
         some = ', '.join(repr(n) for n in list(named)[1:9])
         raise ValueError(f"{arg}: no module named {spec!r} in the model; names come from model.named_modules(), "
