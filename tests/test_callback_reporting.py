@@ -1,9 +1,7 @@
 """Seeing and steering the penalty (issue 5): fit-table columns, validation smoothness, history and plot,
 schedules, several layers and `repr`, each checked against references computed here from the model's own tensors."""
-import gc
 import io
 import math
-import weakref
 
 import matplotlib
 matplotlib.use('Agg')  # headless, as on a CI machine
@@ -11,71 +9,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fastai.text.all import (Callback, CrossEntropyLossFlat, CSVLogger, DataLoaders, Learner, ModelResetter,
-                             SaveModelCallback, SchedCos, SchedLin, SchedNo, ShowGraphCallback, accuracy,
-                             combine_scheds)
+from fastai.text.all import (CrossEntropyLossFlat, CSVLogger, Learner, ModelResetter, SaveModelCallback, SchedCos,
+                             SchedLin, SchedNo, ShowGraphCallback, accuracy, combine_scheds)
 from fastprogress.fastprogress import ConsoleMasterBar
 from matplotlib.figure import Figure
 
 from fastai_tar import TARCallback
-from conftest import VOCAB, tiny_lm
+from conftest import (VOCAB, AliveAfterBatch, Boom, Capture, LossSpy, hook_ids, lm_dls, penalty, quiet_fit, ref_ar,
+                      ref_penalty, ref_tar, tiny_lm)
 
 BS, SL, N_TRAIN, N_VALID = 4, 8, 12, 10  # 3 training batches; validation batches of 4, 4 and 2 sequences
-
-
-def make_dls(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, VOCAB, (N_TRAIN + N_VALID, SL + 1), generator=g)
-    items = list(zip(x[:, :-1], x[:, 1:]))
-    return DataLoaders.from_dsets(items[:N_TRAIN], items[N_TRAIN:], bs=BS, shuffle=False, device='cpu', num_workers=0)
+N_BATCHES, N_VALID_BATCHES = math.ceil(N_TRAIN / BS), math.ceil(N_VALID / BS)
 
 
 def tiny_learner(tar, cbs=(), metrics=(), seed=0):
     "A fastai AWD-LSTM language model with TARCallback only (it strips the (logits, raw, dropped) tuple)."
-    learn = Learner(make_dls(), tiny_lm(seed), loss_func=CrossEntropyLossFlat(), metrics=list(metrics),
-                    cbs=[ModelResetter(), tar, *cbs])
+    learn = Learner(lm_dls(N_TRAIN, BS, SL, n_valid=N_VALID), tiny_lm(seed), loss_func=CrossEntropyLossFlat(),
+                    metrics=list(metrics), cbs=[ModelResetter(), tar, *cbs])
     torch.manual_seed(seed + 1)  # the same dropout masks for runs built the same way
     return learn
-
-
-def quiet_fit(learn, n_epoch=1, **kw):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n_epoch, 1e-2, **kw)
-
-
-N_BATCHES = math.ceil(N_TRAIN / BS)
-
-
-def ar64(h): return h.double().pow(2).mean().item()
-def tar64(h): h = h.double(); return (h[:, 1:] - h[:, :-1]).pow(2).mean().item()
-def hooks_of(model): return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-class Outputs:
-    "The test's own forward hook: what `module` returned in training (float64 copies) and in evaluation."
-    def __init__(self, module):
-        self.train, self.valid = [], []
-        self.handle = module.register_forward_hook(self.hook)
-
-    def hook(self, module, inp, out):
-        h = out[0] if isinstance(out, tuple) else out  # an RNN's (output, state)
-        (self.train if module.training else self.valid).append(h.detach().double().clone())
-
-
-class LossSpy(Callback):
-    "After TARCallback's after_loss: the plain loss, what was added to loss_grad, and fastai's pct_train."
-    order, run_valid = TARCallback.order + 1, False
-
-    def before_fit(self): self.plain, self.added, self.pct = [], [], []
-
-    def after_loss(self):
-        self.plain.append(self.learn.loss.item())
-        self.added.append((self.learn.loss_grad - self.learn.loss).item())
-        self.pct.append(self.learn.pct_train)
-
-
-def penalty(expected):
-    "`loss_grad - loss` is read from two float32 numbers near the loss: a few ulps of it are the limit."
-    return pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def smooth(losses, beta=0.98):
@@ -93,7 +45,7 @@ def test_fit_table_shows_weighted_epoch_means_and_plain_losses(capsys):
     learn = tiny_learner(tar, cbs=[spy], metrics=[accuracy])
     mets = list(learn.metrics)
     enc = learn.model[0]
-    last_rnn, dropped = Outputs(enc.rnns[-1]), Outputs(learn.model[1].output_dp)
+    last_rnn, dropped = Capture(enc.rnns[-1]), Capture(learn.model[1].output_dp)
     learn.fit(2, 1e-2)
     out = capsys.readouterr().out
     rec = learn.recorder
@@ -103,8 +55,8 @@ def test_fit_table_shows_weighted_epoch_means_and_plain_losses(capsys):
     h = tar.history
     assert len(h) == 2 * N_BATCHES
     # each batch: alpha * AR of the dropped output and beta * TAR of the last layer's raw output, by hand
-    np.testing.assert_allclose(h['ar'], [2 * ar64(d) for d in dropped.train], rtol=1e-5)
-    np.testing.assert_allclose(h['tar'], [1 * tar64(r) for r in last_rnn.train], rtol=1e-5)
+    np.testing.assert_allclose(h['ar'], [2 * ref_ar(d) for d in dropped.train_outputs], rtol=1e-5)
+    np.testing.assert_allclose(h['tar'], [1 * ref_tar(r) for r in last_rnn.train_outputs], rtol=1e-5)
     assert spy.added == [penalty(a + t) for a, t in zip(h['ar'], h['tar'])]  # what went into loss_grad
     np.testing.assert_array_equal(h['loss'], np.float32(spy.plain))  # the plain loss, penalty left out
 
@@ -165,7 +117,7 @@ def test_recorder_with_train_metrics_gets_train_and_valid_pairs():
     tar = TARCallback(valid_metrics=True)
     learn = tiny_learner(tar, metrics=[accuracy])
     learn.recorder.train_metrics = True
-    valid_out = Outputs(learn.model[0])
+    valid_out = Capture(learn.model[0])
     quiet_fit(learn)
     names = learn.recorder.metric_names
     assert names == ['epoch', 'train_loss', 'train_ar', 'train_tar', 'train_accuracy',
@@ -174,9 +126,8 @@ def test_recorder_with_train_metrics_gets_train_and_valid_pairs():
     h = tar.history
     assert row['train_ar'] == pytest.approx(h['ar'].mean(), rel=1e-6)
     assert row['train_tar'] == pytest.approx(h['tar'].mean(), rel=1e-6)
-    hs = valid_out.valid
-    assert row['valid_ar'] == pytest.approx(sum(x.pow(2).sum().item() for x in hs) / sum(x.numel() for x in hs),
-                                            rel=1e-5)
+    hs = valid_out.valid_outputs
+    assert row['valid_ar'] == pytest.approx(ref_penalty(1., 0., *hs), rel=1e-5)  # AR pooled over the batches
     assert row['valid_tar'] > 0 and row['valid_tar'] != pytest.approx(row['train_tar'])
 
 
@@ -199,18 +150,13 @@ def test_recorder_without_validation_logging_warns_about_valid_metrics():
     assert len(learn.recorder.values[-1]) == 3
 
 
-class Boom(Callback):
-    def after_batch(self):
-        if self.training and self.iter == 1: raise RuntimeError('boom')
-
-
 def test_fit_that_raised_leaves_no_stale_column():
     tar = TARCallback(valid_metrics=True)
     learn = tiny_learner(tar, metrics=[accuracy])
     mets = [id(m) for m in learn.metrics]
-    with pytest.raises(RuntimeError, match='boom'): quiet_fit(learn, cbs=Boom())
+    with pytest.raises(RuntimeError, match='boom'): quiet_fit(learn, cbs=Boom(RuntimeError('boom'), at=2))
     assert len(tar.history) == 2  # the batches the failed fit trained on
-    assert hooks_of(learn.model) == 0
+    assert hook_ids(learn.model) == set()
     with learn.no_bar(): res = learn.validate()
     assert len(res) == 2  # valid_loss, accuracy: no penalty column left from the failed fit
     assert [id(m) for m in learn.metrics] == mets
@@ -233,57 +179,48 @@ def test_tracker_callbacks_can_monitor_a_penalty_column(tmp_path):
 def test_valid_metrics_are_the_pooled_unweighted_penalty_of_the_validation_set():
     tar = TARCallback(alpha=2., beta=3., valid_metrics=True)
     learn = tiny_learner(tar)
-    raw, dropped = Outputs(learn.model[0]), Outputs(learn.model[1].output_dp)
+    raw, dropped = Capture(learn.model[0]), Capture(learn.model[1].output_dp)
     quiet_fit(learn, 2)
     names, last = learn.recorder.metric_names, learn.recorder.values[-1]
     assert names == ['epoch', 'train_loss', 'valid_loss', 'train_ar', 'train_tar', 'valid_ar', 'valid_tar', 'time']
-    n_valid_batches = math.ceil(N_VALID / BS)
-    assert len(raw.valid) == 2 * n_valid_batches
-    hs, ds = raw.valid[-n_valid_batches:], dropped.valid[-n_valid_batches:]  # the last epoch's validation
+    assert len(raw.valid_outputs) == 2 * N_VALID_BATCHES
+    hs, ds = raw.valid_outputs[-N_VALID_BATCHES:], dropped.valid_outputs[-N_VALID_BATCHES:]  # the last epoch's
     assert [h.shape[0] for h in hs] == [4, 4, 2]
     # pooled over the whole validation set: one sum over every element (pair) over one count, coefficients left out
-    ref_ar = sum(d.pow(2).sum().item() for d in ds) / sum(d.numel() for d in ds)
-    d2 = [(h[:, 1:] - h[:, :-1]).pow(2) for h in hs]
-    ref_tar = sum(d.sum().item() for d in d2) / sum(d.numel() for d in d2)
+    pooled_ar, pooled_tar = ref_penalty(1., 0., *ds), ref_penalty(0., 1., *hs)
     row = dict(zip(names[1:-1], last))
-    assert row['valid_ar'] == pytest.approx(ref_ar, rel=1e-5)
-    assert row['valid_tar'] == pytest.approx(ref_tar, rel=1e-5)
-    assert np.mean([tar64(h) for h in hs]) != pytest.approx(ref_tar, rel=1e-4)  # a mean of batch means differs
+    assert row['valid_ar'] == pytest.approx(pooled_ar, rel=1e-5)
+    assert row['valid_tar'] == pytest.approx(pooled_tar, rel=1e-5)
+    assert np.mean([ref_tar(h) for h in hs]) != pytest.approx(pooled_tar, rel=1e-4)  # a mean of batch means differs
 
 
 def test_valid_metrics_add_nothing_to_the_loss():
+    "valid_metrics=True reads the validation activations but adds nothing to the validation loss_grad."
     runs = []
     for valid_metrics in (False, True):
-        tar = TARCallback(valid_metrics=valid_metrics)
-        learn = tiny_learner(tar)
+        tar, spy = TARCallback(valid_metrics=valid_metrics), LossSpy()
+        learn = tiny_learner(tar, cbs=[spy])
         quiet_fit(learn)
-        runs.append(([v[:4] for v in learn.recorder.values], tar.history))
-    (values_off, hist_off), (values_on, hist_on) = runs
+        runs.append(([v[:4] for v in learn.recorder.values], tar.history, spy, learn.recorder.values[-1]))
+    (values_off, hist_off, _, _), (values_on, hist_on, spy, last) = runs
     assert values_on == values_off  # train_loss, valid_loss, train_ar, train_tar: the same numbers
     pd.testing.assert_frame_equal(hist_on, hist_off)
-
-
-class AliveAfterBatch(Callback):
-    "After every callback's after_batch in validation: is any activation the model produced still referenced?"
-    order, run_train = 100, False
-
-    def __init__(self, module):
-        self.refs, self.alive = [], []
-        module.register_forward_hook(lambda m, i, o: self.refs.append(weakref.ref(o[0] if isinstance(o, tuple) else o)))
-
-    def after_batch(self):
-        gc.collect()
-        self.alive.append(sum(r() is not None for r in self.refs))
-        self.refs = []
+    # valid_loss is fastai's copy of the loss taken before after_loss: only loss_grad shows what a callback added
+    assert spy.valid_added == [0.] * N_VALID_BATCHES
+    assert last[-2] > 0 and last[-1] > 0  # valid_ar, valid_tar: the validation activations were read
+    assert min(spy.added) > 1e-4  # the same spy sees the penalty in training: it can tell
 
 
 def test_valid_metrics_keep_no_activation_after_each_batch():
     tar = TARCallback(valid_metrics=True)
     learn = tiny_learner(tar)
-    probes = [AliveAfterBatch(learn.model[0]), AliveAfterBatch(learn.model[0].rnns[-1])]
-    quiet_fit(learn, cbs=probes)
+    caps = [Capture(learn.model[0], keep=False), Capture(learn.model[0].rnns[-1], keep=False)]
+    probe = AliveAfterBatch(caps)
+    quiet_fit(learn, cbs=probe)
     assert learn.recorder.values[-1][-1] > 0  # valid_tar was computed from those activations
-    for p in probes: assert p.alive == [0] * math.ceil(N_VALID / BS)
+    assert probe.phases == ['train'] * N_BATCHES + ['valid'] * N_VALID_BATCHES
+    assert [len(c.refs) for c in caps] == [N_BATCHES + N_VALID_BATCHES] * 2
+    assert probe.alive == [0] * (N_BATCHES + N_VALID_BATCHES)
 
 
 def test_valid_metrics_not_computed_in_get_preds_or_validate():
@@ -333,7 +270,7 @@ def test_history_is_one_row_per_training_batch_of_the_last_fit_and_plots_headles
 def test_schedule_value_used_is_the_history_and_the_schedule_at_pct_train(kw):
     tar, spy = TARCallback(**kw), LossSpy()
     learn = tiny_learner(tar, cbs=[spy])
-    raw, dropped = Outputs(learn.model[0]), Outputs(learn.model[1].output_dp)
+    raw, dropped = Capture(learn.model[0]), Capture(learn.model[1].output_dp)
     quiet_fit(learn, 2)
     h, total = tar.history, 2 * N_BATCHES
     pcts = [i / total for i in range(total)]  # fastai's pct_train at batch i: over both epochs
@@ -344,7 +281,7 @@ def test_schedule_value_used_is_the_history_and_the_schedule_at_pct_train(kw):
     assert len(set(alphas + betas)) > 2  # the schedule moved
     np.testing.assert_allclose(h['alpha'], alphas, rtol=1e-6)
     np.testing.assert_allclose(h['beta'], betas, rtol=1e-6)
-    ref = [a * ar64(d) + b * tar64(r) for a, b, d, r in zip(alphas, betas, dropped.train, raw.train)]
+    ref = [a * ref_ar(d) + b * ref_tar(r) for a, b, d, r in zip(alphas, betas, dropped.train_outputs, raw.train_outputs)]
     assert spy.added == [penalty(v) for v in ref]
 
 
@@ -362,7 +299,7 @@ def test_schedule_going_negative_during_fit_raises_and_unhooks():
     tar = TARCallback(beta=lambda pct: abs(pct - 0.5) - 0.1)  # fine at 0 and 1, negative around the middle
     learn = tiny_learner(tar)
     with pytest.raises(ValueError, match=r'beta must be a finite number >= 0.*got -0.1'): quiet_fit(learn, 2)
-    assert hooks_of(learn.model) == 0
+    assert hook_ids(learn.model) == set()
     assert 0 < len(tar.history) < 2 * N_BATCHES
 
 
@@ -380,15 +317,15 @@ def test_all_layers_regularizes_each_awd_lstm_layer():
     tar, spy = TARCallback(all_layers=True), LossSpy()
     learn = tiny_learner(tar, cbs=[spy])
     enc = learn.model[0]
-    rnn0, rnn1, hd0, out_dp = (Outputs(m) for m in (enc.rnns[0], enc.rnns[1], enc.hidden_dps[0],
+    rnn0, rnn1, hd0, out_dp = (Capture(m) for m in (enc.rnns[0], enc.rnns[1], enc.hidden_dps[0],
                                                     learn.model[1].output_dp))
     quiet_fit(learn)
     h = tar.history
     assert list(h.columns) == ['iter', 'loss', 'ar', 'tar', 'alpha', 'beta', 'ar:0.hidden_dps.0',
                                'ar:1.output_dp', 'tar:0.rnns.0', 'tar:0.rnns.1']
-    refs = {'ar:0.hidden_dps.0': [2 * ar64(x) for x in hd0.train],
-            'ar:1.output_dp': [2 * ar64(x) for x in out_dp.train],
-            'tar:0.rnns.0': [tar64(x) for x in rnn0.train], 'tar:0.rnns.1': [tar64(x) for x in rnn1.train]}
+    refs = {'ar:0.hidden_dps.0': [2 * ref_ar(x) for x in hd0.train_outputs],
+            'ar:1.output_dp': [2 * ref_ar(x) for x in out_dp.train_outputs],
+            'tar:0.rnns.0': [ref_tar(x) for x in rnn0.train_outputs], 'tar:0.rnns.1': [ref_tar(x) for x in rnn1.train_outputs]}
     for col, ref in refs.items(): np.testing.assert_allclose(h[col], ref, rtol=1e-5)
     total = np.sum(list(refs.values()), axis=0)
     assert spy.added == [penalty(v) for v in total]
@@ -402,16 +339,16 @@ def test_explicit_modules_with_their_own_coefficients():
     learn.remove_cb(learn.tar)
     tar = TARCallback(modules={enc.rnns[0]: 0.5, '0.rnns.1': 2.}, ar_modules={'1.output_dp': 3.})
     learn.add_cb(tar)
-    rnn0, rnn1, out_dp = Outputs(enc.rnns[0]), Outputs(enc.rnns[1]), Outputs(learn.model[1].output_dp)
+    rnn0, rnn1, out_dp = Capture(enc.rnns[0]), Capture(enc.rnns[1]), Capture(learn.model[1].output_dp)
     quiet_fit(learn)
     h = tar.history
     assert list(h.columns) == ['iter', 'loss', 'ar', 'tar', 'alpha', 'beta',
                                'tar:0.rnns.0', 'tar:0.rnns.1', 'beta:0.rnns.0', 'beta:0.rnns.1']
     assert h['beta'].isna().all() and (h['beta:0.rnns.0'] == 0.5).all() and (h['beta:0.rnns.1'] == 2.).all()
     assert (h['alpha'] == 3.).all()  # the coefficient used, not the unused default alpha=2
-    ref = [0.5 * tar64(a) + 2 * tar64(b) + 3 * ar64(d) for a, b, d in zip(rnn0.train, rnn1.train, out_dp.train)]
+    ref = [0.5 * ref_tar(a) + 2 * ref_tar(b) + 3 * ref_ar(d) for a, b, d in zip(rnn0.train_outputs, rnn1.train_outputs, out_dp.train_outputs)]
     assert spy.added == [penalty(v) for v in ref]
-    np.testing.assert_allclose(h['tar:0.rnns.1'], [2 * tar64(b) for b in rnn1.train], rtol=1e-5)
+    np.testing.assert_allclose(h['tar:0.rnns.1'], [2 * ref_tar(b) for b in rnn1.train_outputs], rtol=1e-5)
 
 
 def test_sequences_of_coefficients_match_modules():
@@ -419,11 +356,11 @@ def test_sequences_of_coefficients_match_modules():
                            ar_modules=['1.output_dp']), LossSpy()
     learn = tiny_learner(tar, cbs=[spy])
     enc = learn.model[0]
-    rnn0, rnn1, out_dp = Outputs(enc.rnns[0]), Outputs(enc.rnns[1]), Outputs(learn.model[1].output_dp)
+    rnn0, rnn1, out_dp = Capture(enc.rnns[0]), Capture(enc.rnns[1]), Capture(learn.model[1].output_dp)
     quiet_fit(learn)
     h, pcts = tar.history, [i / N_BATCHES for i in range(N_BATCHES)]
     np.testing.assert_allclose(h['beta:0.rnns.0'], pcts, rtol=1e-6)
-    ref = [0.5 * ar64(d) + p * tar64(a) + tar64(b) for p, a, b, d in zip(pcts, rnn0.train, rnn1.train, out_dp.train)]
+    ref = [0.5 * ref_ar(d) + p * ref_tar(a) + ref_tar(b) for p, a, b, d in zip(pcts, rnn0.train_outputs, rnn1.train_outputs, out_dp.train_outputs)]
     assert spy.added == [penalty(v) for v in ref]
 
 

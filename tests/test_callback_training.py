@@ -1,11 +1,13 @@
 """TARCallback inside real fastai training set-ups (issue 4): half precision, gradient accumulation, wrapped
 models, the callback's lifecycle, export, memory, and modules called several times in one forward."""
-import gc
 import os
+import pickle
 import socket
-import weakref
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,30 +15,14 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.amp import GradScaler, autocast
-from fastai.text.all import (AWD_LSTM, SGD, CancelFitException, Callback, CrossEntropyLossFlat, DataLoaders, Datasets,
-                             GradientAccumulation, ItemGetter, L, Learner, MixedPrecision, get_text_classifier,
+from fastai.text.all import (AWD_LSTM, SGD, CancelFitException, Callback, CrossEntropyLossFlat, GradientAccumulation,
+                             L, Learner, MixedPrecision, RNNRegularizer, get_text_classifier, language_model_learner,
                              load_learner)
 
 from fastai_tar import TARCallback
-from conftest import VOCAB, tiny_config, tiny_lm
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Models this small run ~100x slower on two contended OpenMP threads than on one."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def lm_dls(n=16, bs=4, sl=12, seed=0, rows=slice(None)):
-    "In-memory LM DataLoaders, y = x shifted by one, training on `rows`; Datasets, so that `export()` can empty them."
-    g = torch.Generator().manual_seed(seed)
-    stream = torch.randint(2, VOCAB, (n * (sl + 1),), generator=g).view(n, sl + 1)
-    items = list(zip(stream[:, :-1], stream[:, 1:]))
-    dsets = Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(n))[rows], list(range(bs))])
-    return dsets.dataloaders(bs=bs, shuffle=False, device='cpu', num_workers=0)
+from fastai_tar.columns import PenaltyColumn
+from conftest import (PAD, VOCAB, AliveAfterBatch, Boom, Capture, LossSpy, clas_dls, far, hook_ids, lm_dls, penalty,
+                      quiet_fit, ref_ar, ref_penalty, ref_tar, tiny_config, tiny_lm)
 
 
 class LSTMLM(nn.Module):
@@ -48,75 +34,6 @@ class LSTMLM(nn.Module):
             nn.Linear(n_hid, VOCAB)
 
     def forward(self, x): return self.head(self.lstm(self.emb(x))[0])
-
-
-class Grab(Callback):
-    "Keep (loss, loss_grad) of each training batch once every callback has edited it; stop after `n` batches."
-    order = 50
-
-    def __init__(self, n=1): self.n, self.rows = n, []
-
-    def after_loss(self):
-        if self.training: self.rows.append((self.learn.loss.detach().clone(), self.learn.loss_grad.detach().clone()))
-
-    def after_batch(self):
-        if self.training and len(self.rows) >= self.n: raise CancelFitException()
-
-    @property
-    def added(self): return [(g - l).item() for l, g in self.rows]
-
-
-class Capture:
-    "The test's own forward hook on `module`: the outputs it produced (or only weakrefs), and the hooks it carried."
-    def __init__(self, module, keep=True):
-        self.keep, self.outputs, self.refs, self.hooks_seen = keep, [], [], []
-        self.handle = module.register_forward_hook(self.hook)
-
-    def hook(self, module, inp, out):
-        h = out[0] if isinstance(out, tuple) else out  # (output, state) of an RNN, (outs, pad) of a SentenceEncoder
-        self.hooks_seen.append(len(module._forward_hooks))
-        self.refs.append(weakref.ref(h))
-        if self.keep: self.outputs.append(h.detach())
-
-    def alive(self):
-        gc.collect()
-        return [r for r in self.refs if r() is not None]
-
-
-def fit(learn, n_epoch=1, lr=1e-2, **kw):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n_epoch, lr, **kw)
-
-
-def hook_ids(model):
-    "Every forward (pre-)hook on every module of `model`."
-    return {(name, kind, hid) for name, m in model.named_modules()
-            for kind, hooks in (('fwd', m._forward_hooks), ('pre', m._forward_pre_hooks)) for hid in hooks}
-
-
-def ref_sums(h, valid=None):
-    "float64 (sum of squares, their count, sum of squared steps, their count) of batch-first `h` over valid steps."
-    h = h.double()
-    valid = torch.ones(h.shape[:2], dtype=torch.bool) if valid is None else valid
-    pairs = valid[:, 1:] & valid[:, :-1]
-    sq = (h.pow(2).sum(-1) * valid).sum()
-    d2 = ((h[:, 1:] - h[:, :-1]).pow(2).sum(-1) * pairs).sum()
-    return sq, valid.sum() * h.shape[-1], d2, pairs.sum() * h.shape[-1]
-
-
-def ref_penalty(alpha, beta, *parts):
-    "alpha*AR + beta*TAR pooled over `parts` ((h, valid) pairs): total sums over total counts, in float64."
-    sq, n_sq, d2, n_d2 = (sum(x) for x in zip(*(ref_sums(*p) for p in parts)))
-    return (alpha * sq / n_sq + beta * d2 / n_d2).item()
-
-
-def close(value, expected):
-    "The tolerance of a penalty read as loss_grad - loss: two float32 numbers near the loss."
-    return value == pytest.approx(expected, rel=1e-5, abs=1e-6)
-
-
-def far(wrong, expected):
-    "`wrong` misses `close`'s tolerance by more than 10x: a check with `close` can tell it from `expected`."
-    return abs(wrong - expected) > 10 * (1e-5 * abs(expected) + 1e-6)
 
 
 def flat_params(model): return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
@@ -152,15 +69,14 @@ def test_half_activations_penalty_in_float32(mode):
     model, cbs = LSTMLM(), []
     if mode == 'bf16 autocast': cbs.append(CPUMixedPrecision())
     else: model = model.to(torch.bfloat16 if mode == 'bf16 model' else torch.float16)
-    cap, grab = Capture(model.lstm), Grab()
+    cap, grab = Capture(model.lstm), LossSpy(stop=1)
     learn = Learner(lm_dls(), model, loss_func=zero_loss, opt_func=SGD, cbs=cbs + [TARCallback(2., 1.), grab])
-    fit(learn)
+    quiet_fit(learn)
     h = cap.outputs[0]
     assert h.dtype == (torch.float16 if mode == 'fp16 model' else torch.bfloat16)
-    assert grab.rows[0][1].item() == pytest.approx(ref_penalty(2., 1., (h, None)), rel=1e-6)
+    assert grab.train[0][1].item() == pytest.approx(ref_penalty(2., 1., h), rel=1e-6)
     # TAR alone, against what the test rules out: steps taken in half precision (fastai's RNNRegularizer).
-    _, _, d2, n = ref_sums(h)
-    tar = (d2 / n).item()
+    tar = ref_tar(h)
     assert learn.tar.history['tar'][0] == pytest.approx(tar, rel=1e-6)
     half_steps = (h[:, 1:] - h[:, :-1]).float().pow(2).mean().item()
     assert abs(half_steps - tar) > 1e-5 * tar
@@ -178,21 +94,21 @@ def test_mixed_precision_scales_loss_with_penalty():
     "Under fastai's MixedPrecision the penalty joins loss_grad in after_loss, before before_backward scales it."
     events, scale = [], 2. ** 8
     scaler = RecordingScaler(events, init_scale=scale)
-    model, tar, grab, after = LSTMLM(), TARCallback(2., 1.), Grab(n=2), ScaledLoss()
+    model, tar, grab, after = LSTMLM(), TARCallback(2., 1.), LossSpy(stop=2), ScaledLoss()
     cap = Capture(model.lstm)
     learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), opt_func=SGD,
                     cbs=[tar, CPUMixedPrecision(scaler), grab, after])
     tar_after_loss = tar.after_loss
     tar.after_loss = lambda: (events.append('tar.after_loss'), tar_after_loss())
     before = flat_params(model)
-    fit(learn)
+    quiet_fit(learn)
     assert events == ['tar.after_loss', 'scaler.scale'] * 2
     assert all(h.dtype == torch.bfloat16 for h in cap.outputs)  # autocast did run the LSTM in bf16
-    assert len(grab.rows) == len(cap.outputs) == len(scaler.seen) == len(after.seen) == 2
-    for (loss, _), h, unscaled, scaled in zip(grab.rows, cap.outputs, scaler.seen, after.seen):
-        penalty = ref_penalty(2., 1., (h, None))
-        assert penalty > 1e-3
-        assert unscaled.item() == pytest.approx(loss.item() + penalty, rel=1e-6)  # the scaler saw the penalty
+    assert len(grab.train) == len(cap.outputs) == len(scaler.seen) == len(after.seen) == 2
+    for (loss, _), h, unscaled, scaled in zip(grab.train, cap.outputs, scaler.seen, after.seen):
+        pen = ref_penalty(2., 1., h)
+        assert pen > 1e-3
+        assert unscaled.item() == pytest.approx(loss.item() + pen, rel=1e-6)  # the scaler saw the penalty
         assert scaled.item() == pytest.approx(scale * unscaled.item(), rel=1e-6)
     assert not torch.equal(flat_params(model), before)  # the scaler let the steps through
 
@@ -202,7 +118,7 @@ def sgd_step(model, dls, cbs):
     "The parameter change of one epoch of plain SGD (lr=1: the step is the gradient) of `model` on `dls`."
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=cbs)
     before = flat_params(model)
-    fit(learn, lr=1.)
+    quiet_fit(learn, lr=1.)
     return flat_params(model) - before
 
 
@@ -223,16 +139,6 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 # --- lifecycle: no hook and no activation of ours survives a fit, however it ends ---------------------------------
-class Boom(Callback):
-    "Raise `exc` in after_batch of the `at`-th training batch."
-    def __init__(self, exc, at=2): self.exc, self.at, self.n = exc, at, 0
-
-    def after_batch(self):
-        if not self.training: return
-        self.n += 1
-        if self.n == self.at: raise self.exc
-
-
 def lifecycle_learner(**kw):
     "A learner whose LSTM carries the test's own weakref hook; returns (learn, capture, hooks before any fit)."
     model = LSTMLM()
@@ -250,7 +156,7 @@ def assert_clean(learn, cap, hooks):
 
 def test_no_hook_or_activation_after_normal_fit():
     learn, cap, hooks = lifecycle_learner(valid_metrics=True)
-    fit(learn)
+    quiet_fit(learn)
     assert_clean(learn, cap, hooks)
 
 
@@ -258,13 +164,13 @@ def test_no_hook_or_activation_after_normal_fit():
 def test_no_hook_or_activation_after_fit_is_interrupted(exc):
     "Another callback raising in after_batch (an error, or CancelFitException) leaves nothing behind."
     learn, cap, hooks = lifecycle_learner()
-    if isinstance(exc, CancelFitException): fit(learn, cbs=Boom(exc))
+    if isinstance(exc, CancelFitException): quiet_fit(learn, cbs=Boom(exc))
     else:
-        with pytest.raises(RuntimeError, match='boom'): fit(learn, cbs=Boom(exc))
+        with pytest.raises(RuntimeError, match='boom'): quiet_fit(learn, cbs=Boom(exc))
     assert len(cap.refs) == 2
     assert_clean(learn, cap, hooks)
-    grab = Grab()  # the next fit still applies the penalty
-    fit(learn, cbs=grab)
+    grab = LossSpy(stop=1)  # the next fit still applies the penalty
+    quiet_fit(learn, cbs=grab)
     assert grab.added[0] > 1e-3
 
 
@@ -274,14 +180,14 @@ def test_no_hook_after_exception_in_forward():
         def forward(self, x): raise ValueError('bad forward')
     learn, cap, hooks = lifecycle_learner()
     learn.model.head = Fails()
-    with pytest.raises(ValueError, match='bad forward'): fit(learn)
+    with pytest.raises(ValueError, match='bad forward'): quiet_fit(learn)
     assert_clean(learn, cap, hooks)
 
 
 def test_ten_fits_leave_nothing_behind():
     learn, cap, hooks = lifecycle_learner(valid_metrics=True)
     for _ in range(10):
-        fit(learn)
+        quiet_fit(learn)
         assert hook_ids(learn.model) == hooks
     assert_clean(learn, cap, hooks)
     assert [m.name for m in learn.metrics] == []  # the fit-table columns went with each fit
@@ -291,36 +197,51 @@ def test_ten_fits_leave_nothing_behind():
 def test_remove_cb_mid_session():
     "learn.remove_cb(learn.tar) between fits: no hook then, and the next fit adds nothing."
     learn, cap, hooks = lifecycle_learner()
-    fit(learn)
+    quiet_fit(learn)
     learn.remove_cb(learn.tar)
     assert hook_ids(learn.model) == hooks and not hasattr(learn, 'tar')
-    n_seen, grab = len(cap.hooks_seen), Grab()
-    fit(learn, cbs=grab)
+    n_seen, grab = len(cap.hooks_seen), LossSpy(stop=1)
+    quiet_fit(learn, cbs=grab)
     assert grab.added == [0.]
     assert max(cap.hooks_seen[n_seen:]) == 1  # only the test's own hook ran in that forward
     assert_clean(learn, cap, hooks)
 
 
+@pytest.mark.parametrize('exc', [KeyboardInterrupt(), RuntimeError('boom')], ids=['interrupt', 'error'])
+@pytest.mark.parametrize('attached', ['learner', 'fit'])
+def test_remove_cb_after_a_failed_fit_gives_the_learner_back(exc, attached):
+    """A fit that raised never reaches after_fit. Removing the callback then (by hand, or fastai's `added_cbs` for
+    `fit(cbs=...)`) gives fastai's RNNRegularizer its (2, 1) back and takes the penalty columns out of the table."""
+    torch.manual_seed(0)
+    tar = TARCallback(valid_metrics=True)
+    learn = language_model_learner(lm_dls(n=8), AWD_LSTM, config=tiny_config(), pretrained=False,
+                                   cbs=tar if attached == 'learner' else None)
+    reg, hooks = next(cb for cb in learn.cbs if isinstance(cb, RNNRegularizer)), hook_ids(learn.model)
+    columns = []  # what the table held while the fit ran
+    boom = Boom(exc, at=1)
+    boom.before_batch = lambda: columns.append([m.name for m in learn.metrics])
+    with warnings.catch_warnings(), pytest.raises(type(exc)):
+        warnings.simplefilter('ignore')  # the one about switching fastai's regularizer off
+        quiet_fit(learn, cbs=[boom] + ([tar] if attached == 'fit' else []))
+    assert columns == [['train_ar', 'train_tar', 'valid_ar', 'valid_tar']]
+    if attached == 'learner':
+        assert (reg.alpha, reg.beta) == (0., 0.)  # still off: the state remove_cb must undo
+        learn.remove_cb(learn.tar)
+    assert not hasattr(learn, 'tar') and tar not in learn.cbs
+    assert (reg.alpha, reg.beta) == (2., 1.)
+    assert not any(isinstance(m, PenaltyColumn) for m in learn.metrics)
+    assert hook_ids(learn.model) == hooks
+    with learn.no_bar(): assert len(learn.validate()) == 1  # [valid_loss]: no penalty column left behind
+
+
 # --- memory: no activation outlives its batch ---------------------------------------------------------------------
-class AliveAfterBatch(Callback):
-    "After every batch (and every callback's after_batch), count the captured activations still alive."
-    order = 60
-
-    def __init__(self, caps): self.caps, self.alive, self.phases = caps, [], []
-
-    def after_batch(self):
-        gc.collect()
-        self.alive.append(sum(r() is not None for c in self.caps for r in c.refs))
-        self.phases.append('train' if self.training else 'valid')
-
-
 def test_no_activation_outlives_its_batch():
     "fastai AWD-LSTM LM, TAR on the encoder and AR on the output dropout, training and validation metrics."
     model = tiny_lm()
     caps = [Capture(model[0], keep=False), Capture(model[1].output_dp, keep=False)]
     probe = AliveAfterBatch(caps)
     learn = Learner(lm_dls(n=8), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(valid_metrics=True), probe])
-    fit(learn)
+    quiet_fit(learn)
     assert probe.phases == ['train'] * 2 + ['valid']  # both phases captured (valid_metrics) and were checked
     assert [len(c.refs) for c in caps] == [3, 3]
     assert probe.alive == [0, 0, 0]
@@ -332,7 +253,7 @@ def test_no_activation_outlives_its_batch():
 def test_export_load_learner_predict_and_fine_tune(tmp_path):
     learn = Learner(lm_dls(), LSTMLM(), loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=TARCallback(2., 1.),
                     path=tmp_path)
-    fit(learn)
+    quiet_fit(learn)
     learn.export('tar.pkl')
     with pytest.warns(UserWarning, match='pickle'): loaded = load_learner(tmp_path / 'tar.pkl')
     assert isinstance(loaded.tar, TARCallback) and loaded.tar is not learn.tar
@@ -342,33 +263,49 @@ def test_export_load_learner_predict_and_fine_tune(tmp_path):
     assert hook_ids(loaded.model) == set()
 
     loaded.dls = lm_dls(seed=2)  # fine-tuning the loaded learner applies the penalty again
-    cap, grab = Capture(loaded.model.lstm), Grab()
-    fit(loaded, cbs=grab)
-    assert close(grab.added[0], ref_penalty(2., 1., (cap.outputs[0], None)))
+    cap, grab = Capture(loaded.model.lstm), LossSpy(stop=1)
+    quiet_fit(loaded, cbs=grab)
+    assert grab.added[0] == penalty(ref_penalty(2., 1., cap.outputs[0]))
     assert grab.added[0] > 1e-3
     assert hook_ids(loaded.model) == {('lstm', 'fwd', cap.handle.id)}  # the test's own hook only
+
+
+def test_export_keeps_no_per_batch_history(tmp_path):
+    "learn.export() pickles the callback without its per-batch rows; the learner that exported keeps them."
+    learn = Learner(lm_dls(n=96, bs=1), LSTMLM(), loss_func=CrossEntropyLossFlat(), opt_func=SGD,
+                    cbs=TARCallback(2., 1.), path=tmp_path)
+    quiet_fit(learn)
+    before = learn.tar.history
+    assert len(before) == 96
+    learn.export('with_tar.pkl')
+    pd.testing.assert_frame_equal(learn.tar.history, before)
+    with pytest.warns(UserWarning, match='pickle'): loaded = load_learner(tmp_path / 'with_tar.pkl')
+    assert len(loaded.tar.history) == 0 and list(loaded.tar.history.columns) == list(before.columns)
+    # The callback's share of the file is less than its rows would take even as one compact DataFrame.
+    learn.remove_cb(learn.tar)
+    learn.export('without_tar.pkl')
+    callback_bytes = (tmp_path / 'with_tar.pkl').stat().st_size - (tmp_path / 'without_tar.pkl').stat().st_size
+    assert callback_bytes < len(pickle.dumps(before))
 
 
 # --- modules called several times in one forward --------------------------------------------------------------------
 def test_sentence_encoder_tar_spans_bptt_chunks():
     "A classifier's SentenceEncoder runs the AWD_LSTM once per bptt chunk: TAR covers the joined sequence."
-    bptt, sl, pad = 4, 12, 1
-    x = torch.randint(2, VOCAB, (3, sl), generator=torch.Generator().manual_seed(0))
-    x[1, :bptt], x[2, :2 * bptt] = pad, pad  # padded first and longest first, as fastai's classifier batches
-    y = torch.tensor([0, 1, 0])
-    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=3, shuffle=False, device='cpu', num_workers=0)
+    bptt, sl = 4, 12
+    dls = clas_dls([sl, 8, 4], seq_len=bptt)  # rows 1 and 2 start one and two chunks late
+    x, _ = dls.one_batch()
     torch.manual_seed(0)
     model = get_text_classifier(AWD_LSTM, VOCAB, 2, seq_len=bptt, config=tiny_config(clas=True), max_len=sl)
-    cap, grab = Capture(model[0].module), Grab()
+    cap, grab = Capture(model[0].module), LossSpy(stop=1)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(1., 4.), grab])
-    fit(learn)
+    quiet_fit(learn)
     assert [t.module for t in learn.tar.targets] == [model[0]] * 2  # hooked: the encoder, not the AWD_LSTM
     chunks = cap.outputs
     assert [c.shape[:2] for c in chunks] == [(1, bptt), (2, bptt), (3, bptt)]
     joined = torch.cat([nn.functional.pad(c, (0, 0, 0, 0, 0, 3 - len(c))) for c in chunks], 1)
-    valid = x != pad
+    valid = x != PAD
     expected = ref_penalty(1., 4., (joined, valid))
-    assert close(grab.added[0], expected)
+    assert grab.added[0] == penalty(expected)
     # The pairs across chunk boundaries count: chunks taken one by one give another number.
     by_chunk = ref_penalty(1., 4., *[(c, valid[:len(c), i * bptt:(i + 1) * bptt]) for i, c in enumerate(chunks)])
     assert far(by_chunk, expected)
@@ -384,15 +321,15 @@ class TwoPassLSTM(LSTMLM):
 def test_named_module_called_twice_pools_both_calls():
     "The penalty of a module called twice is the sums of both calls over their total count, not the last call's."
     model = TwoPassLSTM()
-    cap, grab = Capture(model.lstm), Grab()
+    cap, grab = Capture(model.lstm), LossSpy(stop=1)
     learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1., modules='lstm'), grab])
-    fit(learn)
+    quiet_fit(learn)
     a, b = cap.outputs
     assert (a.shape[1], b.shape[1]) == (5, 7)
-    pooled = ref_penalty(2., 1., (a, None), (b, None))
-    assert close(grab.added[0], pooled)
-    last_only = ref_penalty(2., 1., (b, None))
-    mean_of_means = (ref_penalty(2., 1., (a, None)) + last_only) / 2
+    pooled = ref_penalty(2., 1., a, b)
+    assert grab.added[0] == penalty(pooled)
+    last_only = ref_penalty(2., 1., b)
+    mean_of_means = (ref_penalty(2., 1., a) + last_only) / 2
     assert far(last_only, pooled) and far(mean_of_means, pooled)
 
 
@@ -404,14 +341,78 @@ def test_data_parallel_model_hooks_inner_modules(names):
     inner = LSTMLM()
     model = nn.DataParallel(inner)  # without GPUs it calls the module directly: the wrapping is what is tested
     kw = {} if names is None else dict(modules=[names[0]], ar_modules=[names[1]])
-    cap, grab = Capture(inner.lstm), Grab()
+    cap, grab = Capture(inner.lstm), LossSpy(stop=1)
     hooks = hook_ids(model)
     learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1., **kw), grab])
-    fit(learn)
+    quiet_fit(learn)
     assert [(t.kind, t.name, t.module) for t in learn.tar.targets] == [('ar', 'lstm', inner.lstm),
                                                                         ('tar', 'lstm', inner.lstm)]
-    assert close(grab.added[0], ref_penalty(2., 1., (cap.outputs[0], None)))
+    assert grab.added[0] == penalty(ref_penalty(2., 1., cap.outputs[0]))
     assert hook_ids(model) == hooks
+
+
+def test_compiled_model_gets_the_penalty_of_the_plain_model():
+    "torch.compile (eager backend: dynamo's tracing, no code generation) around a fastai LM: hooks reach inside it."
+    runs = []
+    for compiled in (False, True):
+        model = tiny_lm()
+        raw, dropped = Capture(model[0]), Capture(model[1].output_dp)
+        hooks, spy = hook_ids(model), LossSpy(stop=1)
+        learn = Learner(lm_dls(), torch.compile(model, backend='eager') if compiled else model,
+                        loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1.), spy])
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        quiet_fit(learn)
+        assert [t.module for t in learn.tar.targets] == [model[1].output_dp, model[0]]
+        assert hook_ids(model) == hooks
+        assert spy.added[0] == penalty(2 * ref_ar(dropped.outputs[0]) + ref_tar(raw.outputs[0]))
+        runs.append(spy.train[0])
+    (loss, grad), (loss_c, grad_c) = runs
+    assert loss_c.item() == pytest.approx(loss.item(), rel=1e-6) and grad_c.item() == pytest.approx(grad.item(), rel=1e-6)
+    assert (grad - loss).item() > 1e-4
+
+
+def cpu_replicas(module, n):
+    """What `nn.parallel.replicate` makes for `n` GPUs, on the CPU: every submodule copied by
+    `_replicate_for_data_parallel` (sharing the original's hook dicts), its parameters as non-leaf views."""
+    copies = [{m: m._replicate_for_data_parallel() for m in module.modules()} for _ in range(n)]
+    for memo in copies:
+        for m, r in memo.items():
+            for name, child in m._modules.items(): r._modules[name] = None if child is None else memo[child]
+            for name, p in m._parameters.items(): setattr(r, name, None if p is None else p.view_as(p))
+    return [memo[module] for memo in copies]
+
+
+class CPUDataParallel(nn.DataParallel):
+    "nn.DataParallel's forward on `n` devices, played on the CPU: scatter, replicate, parallel_apply (threads), gather."
+    def __init__(self, module, n=2): super().__init__(module); self.n = n
+
+    def forward(self, x):
+        chunks = x.chunk(self.n)
+        replicas, grad = cpu_replicas(self.module, len(chunks)), torch.is_grad_enabled()
+        def run(i):
+            with torch.set_grad_enabled(grad): return replicas[i](chunks[i])  # grad mode is per thread
+        with ThreadPoolExecutor(len(chunks)) as pool: return torch.cat(list(pool.map(run, range(len(chunks)))))
+
+
+def test_data_parallel_replicas_pool_into_the_original_module():
+    "DataParallel's replicas call our hook with a copy of the module: each half-batch pools into one penalty."
+    inner = LSTMLM()
+    model = CPUDataParallel(inner, n=2)
+    cap, spy = Capture(inner.lstm), LossSpy(stop=1)
+    hooks = hook_ids(model)
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=[TARCallback(2., 1.), spy])
+    before = flat_params(inner)
+    quiet_fit(learn)
+    assert [h.shape[0] for h in cap.outputs] == [2, 2]  # two replicas, each on half the batch of 4
+    expected = ref_penalty(2., 1., *cap.outputs)
+    assert spy.added[0] == penalty(expected)
+    assert far(ref_penalty(2., 1., cap.outputs[0]), expected)  # one replica's half alone gives another number
+    assert hook_ids(model) == hooks
+    assert not torch.equal(flat_params(inner), before)  # the gradients reached the original parameters
+    # the same as the model run whole, without replicas
+    plain = LossSpy(stop=1)
+    quiet_fit(Learner(lm_dls(), LSTMLM(), loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1.), plain]))
+    assert spy.added[0] == penalty(plain.added[0])
 
 
 # --- multi-process data parallel: fastai's distrib_ctx calls .cuda(), so DDP is driven directly, on gloo/CPU ----

@@ -55,6 +55,23 @@ def test_wrapped_models_are_searched_inside():
     assert find_targets(wrapped, 2., 1., modules='module.0')[1].module is model[0]
 
 
+def test_compiled_models_are_searched_inside():
+    "torch.compile's OptimizedModule names every module '_orig_mod.<name>': found by either name, or by structure."
+    model = tiny_lm()
+    compiled = torch.compile(model, backend='eager')  # compiles lazily: nothing is traced here
+    assert unwrap_model(compiled) is model
+    assert '_orig_mod.0' in dict(compiled.named_modules())
+    for name in ('0', '_orig_mod.0'):
+        ts = find_targets(compiled, 2., 1., modules=name)
+        assert places(ts) == [('ar', '0', 2.), ('tar', '0', 1.)] and all(t.module is model[0] for t in ts)
+    assert places(find_targets(compiled, 2., 1.)) == places(find_targets(model, 2., 1.))
+    assert find_targets(compiled, 2., 1.)[0].module is model[1].output_dp
+    # nn.DataParallel around a compiled model: both prefixes
+    both = nn.DataParallel(compiled)
+    assert unwrap_model(both) is model
+    assert find_targets(both, 2., 1., modules='module._orig_mod.0.rnns.1')[1].module is model[0].rnns[1]
+
+
 def test_bad_specs_raise_clear_errors():
     model = tiny_lm()
     with pytest.raises(ValueError, match=r"^modules: no module named 'encoder'.*named_modules"):
