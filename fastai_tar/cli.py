@@ -5,9 +5,15 @@ import sys
 __all__ = ['main']
 
 
+class _Parser(argparse.ArgumentParser):
+    "Bad arguments get one line, as every other input error of the command does (argparse adds the usage)."
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import bench, demo
-    p = argparse.ArgumentParser(prog='fastai-tar', description=__doc__)
+    p = _Parser(prog='fastai-tar', description=__doc__)
     sub = p.add_subparsers(dest='command', required=True)
     for name, mod in (('demo', demo), ('bench', bench)):
         sp = sub.add_parser(name, help=mod.__doc__.splitlines()[0], description=mod.__doc__)
