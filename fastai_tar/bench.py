@@ -1,8 +1,297 @@
-"""Placeholder: `fastai-tar bench` is being built."""
+"""Measure AR+TAR speed and memory against fastai's expressions, or the callback's cost in a training epoch.
+
+Each row times, forward+backward on the same tensors: fastai's `RNNRegularizer` expressions (AR on a
+dropped copy, TAR on the raw tensor), ours (`ar_penalty`, `tar_penalty`), and one `h.clone()`, the
+memory-traffic floor. The three take turns within every repeat, so that load on the machine hits them
+alike, and are reported as medians. The bytes each keeps saved for backward beyond its inputs
+are counted with `torch.autograd.graph.saved_tensors_hooks`. `--train` instead times AWD-LSTM
+language-model epochs on synthetic text with no penalty, with `TARCallback` and with fastai's
+`RNNRegularizer`.
+"""
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .functional import ar_penalty, tar_penalty
+
+__all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'bench_row', 'bench_table',
+           'format_table', 'train_epochs', 'format_train', 'add_arguments', 'run']
+
+SHAPES = [(64, 70, 400), (64, 70, 1152), (16, 512, 1024), (8, 2048, 2048)]  # bs x sl x n_hid
+QUICK_SHAPES = [(4, 12, 16), (2, 30, 24)]
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+ALPHA, BETA = 2., 1.  # the AWD-LSTM / fastai defaults
 
 
-def add_arguments(parser): pass
+def fastai_penalty(raw, dropped, alpha=ALPHA, beta=BETA):
+    "fastai's `RNNRegularizer.after_loss`: AR on the dropped output, TAR on the raw output (batch-first)"
+    return alpha * dropped.float().pow(2).mean() + beta * (raw[:, 1:] - raw[:, :-1]).float().pow(2).mean()
 
 
-def run(args):
-    raise NotImplementedError('fastai-tar bench')
+def our_penalty(raw, dropped, alpha=ALPHA, beta=BETA):
+    "The same penalty from `fastai_tar.functional`"
+    return alpha * ar_penalty(dropped) + beta * tar_penalty(raw)
+
+
+def saved_bytes(
+    fn,  # called as `fn(*inputs)`; builds an autograd graph
+    *inputs,  # tensors (or None) that `fn` may keep for backward for free: they exist anyway
+) -> int:
+    "Bytes of the tensors `fn(*inputs)` keeps for backward beyond the storage of `inputs`, counted as they are saved"
+    own = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    kept = {}  # storage address -> size: a storage saved twice (or through two views) counts once
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own: kept[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)  # noqa: F841 -- holding the graph keeps every saved storage alive while we count
+        return sum(kept.values())
+
+
+def _sync(device: torch.device):
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+
+def _time_grad(fn, raw, dropped, device) -> float:
+    "Seconds for `fn(raw, dropped)` and the gradients of both inputs"
+    _sync(device)
+    start = time.perf_counter()
+    grads = torch.autograd.grad(fn(raw, dropped), (raw, dropped))
+    _sync(device)
+    secs = time.perf_counter() - start
+    del grads  # freed after the clock stopped, for ours and fastai's alike
+    return secs
+
+
+def _time_clone(h, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    copy = h.clone()
+    _sync(device)
+    secs = time.perf_counter() - start
+    del copy
+    return secs
+
+
+def bench_row(
+    shape: tuple,  # bs x sl x n_hid
+    dtype: torch.dtype = torch.float32,  # activation dtype
+    repeats: int = 20,  # timed repeats; the medians are reported
+    device='cpu',  # where the tensors live
+    seed: int = 0,
+) -> dict:
+    "One table row: median milliseconds and saved bytes of fastai's expressions, ours and a clone"
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    raw = torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_()
+    # AWD-LSTM's output dropout (p=0.1): a separate tensor, as in the model
+    keep = torch.rand(shape, generator=g, device=device) >= 0.1
+    dropped = (raw.detach() * keep / 0.9).requires_grad_()
+    measure = {'fastai': lambda: _time_grad(fastai_penalty, raw, dropped, device),
+               'ours': lambda: _time_grad(our_penalty, raw, dropped, device),
+               'clone': lambda: _time_clone(raw, device)}
+    times = {k: [] for k in measure}
+    for i in range(1 + repeats):  # the first round warms up
+        for k, f in measure.items():
+            # The second of two back-to-back calls is timed: it finds the memory its own kind of call
+            # freed, as in a training loop, not what the previous column left.
+            f()
+            secs = f()
+            if i >= 1: times[k].append(secs)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return dict(shape=list(shape), dtype=str(dtype).replace('torch.', ''), fastai_ms=ms['fastai'], ours_ms=ms['ours'],
+                clone_ms=ms['clone'], speedup=ms['fastai'] / ms['ours'], ours_per_clone=ms['ours'] / ms['clone'],
+                fastai_saved_bytes=saved_bytes(fastai_penalty, raw, dropped),
+                ours_saved_bytes=saved_bytes(our_penalty, raw, dropped))
+
+
+def bench_table(shapes=SHAPES, dtypes=('float32', 'bfloat16'), repeats: int = 20, device='cpu') -> list[dict]:
+    "`bench_row` for every shape and dtype"
+    return [bench_row(tuple(s), DTYPES[d], repeats, device) for d in dtypes for s in shapes]
+
+
+def _bytes(n: int) -> str:
+    for unit in ('B', 'KB', 'MB'):
+        if n < 1000 or unit == 'MB': return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+        n /= 1000
+
+
+def format_table(rows: list[dict]) -> str:
+    "The rows as a Markdown table"
+    head = ['shape', 'dtype', 'fastai ms', 'ours ms', 'clone ms', 'speed-up', 'ours/clone', 'fastai saved',
+            'ours saved']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 2 + ['---:'] * 7) + '|']
+    for r in rows:
+        cells = ['x'.join(map(str, r['shape'])), r['dtype'], f"{r['fastai_ms']:.2f}", f"{r['ours_ms']:.2f}",
+                 f"{r['clone_ms']:.2f}", f"{r['speedup']:.1f}x", f"{r['ours_per_clone']:.1f}",
+                 _bytes(r['fastai_saved_bytes']), _bytes(r['ours_saved_bytes'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+# --- a training epoch ---------------------------------------------------------------------------------
+TRAIN_PRESETS = {  # AR/TAR read 32x70x400 activations, as in an AWD-LSTM LM of emb_sz 400; ~1.5 s an epoch on 2 cores
+    'default': dict(epochs=6, bs=32, bptt=70, vocab=2000, emb_sz=400, n_hid=512, n_layers=2, batches=8),
+    'quick': dict(epochs=2, bs=8, bptt=12, vocab=50, emb_sz=8, n_hid=16, n_layers=2, batches=4),
+}
+
+
+def synthetic_tokens(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    "`n` token ids from a random first-order Markov chain (4 successors per token): text with structure to learn"
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(vocab, (vocab, 4), generator=g)
+    picks = torch.randint(4, (n,), generator=g).tolist()
+    toks, cur = [], 0
+    for p in picks: cur = int(successors[cur, p]); toks.append(cur)
+    return torch.tensor(toks)
+
+
+def train_epochs(
+    epochs: int = 6,  # timed epochs per variant, after one warm-up epoch
+    bs: int = 32,  # sequences per batch
+    bptt: int = 70,  # tokens per sequence
+    vocab: int = 2000,  # vocabulary size of the synthetic text
+    emb_sz: int = 400,  # AWD-LSTM sizes; AR/TAR read activations of emb_sz features
+    n_hid: int = 512,
+    n_layers: int = 2,
+    batches: int = 8,  # training batches per epoch
+    seed: int = 42,  # same weights, batches and dropout masks for every variant
+    device='cpu',  # where the model trains
+) -> dict:
+    "Median seconds of a training epoch (no validation) with no penalty, `TARCallback` and fastai's `RNNRegularizer`"
+    device = torch.device(device)
+    from fastai.callback.core import Callback
+    from fastai.callback.rnn import ModelResetter, RNNCallback, RNNRegularizer
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.text.all import AWD_LSTM, awd_lstm_lm_config, get_language_model
+    from fastai.text.data import LMDataLoader
+    from fastai.torch_core import set_seed
+    from .callback import TARCallback
+
+    class EpochTimer(Callback):
+        "Wall and CPU seconds of each training phase: no validation, no fit set-up"
+        order = -100  # runs first in before_train and in after_train: the window holds every batch
+        def before_fit(self): self.wall_s, self.cpu_s = getattr(self, 'wall_s', []), getattr(self, 'cpu_s', [])
+        def before_train(self): _sync(device); self.start = time.perf_counter(), time.process_time()
+        def after_train(self):
+            _sync(device)
+            self.wall_s.append(time.perf_counter() - self.start[0])
+            self.cpu_s.append(time.process_time() - self.start[1])
+
+    n_train = bs * (batches * bptt + 1)
+    toks = synthetic_tokens(n_train + bs * (2 * bptt + 1), vocab, seed)
+    train = LMDataLoader([toks[:n_train]], bs=bs, seq_len=bptt, shuffle=True)
+    valid = LMDataLoader([toks[n_train:]], bs=bs, seq_len=bptt)
+    cfg = awd_lstm_lm_config.copy()
+    cfg.update(emb_sz=emb_sz, n_hid=n_hid, n_layers=n_layers)
+    variants = {'no penalty': lambda: [RNNCallback()],
+                'TARCallback': lambda: [TARCallback(alpha=ALPHA, beta=BETA)],
+                'fastai RNNRegularizer': lambda: [RNNCallback(), RNNRegularizer(alpha=ALPHA, beta=BETA)]}
+    learners = {}
+    for name, cbs in variants.items():
+        set_seed(seed)
+        model = get_language_model(AWD_LSTM, vocab, config=cfg)
+        learn = Learner(DataLoaders(train, valid, device=device), model, loss_func=CrossEntropyLossFlat(),
+                        cbs=[ModelResetter(), EpochTimer(), *cbs()])
+        learners[name] = learn
+    # Variants take turns epoch by epoch, so that load on the machine hits them alike.
+    for epoch in range(epochs + 1):
+        for learn in learners.values():
+            set_seed(seed + epoch)
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    # the first epoch of each variant warms up (allocator, caches, lazy initialisation) and is left out
+    wall = {name: statistics.median(learn.epoch_timer.wall_s[1:]) for name, learn in learners.items()}
+    cpu = {name: statistics.median(learn.epoch_timer.cpu_s[1:]) for name, learn in learners.items()}
+    return dict(epochs=epochs, bs=bs, bptt=bptt, vocab=vocab, emb_sz=emb_sz, n_hid=n_hid, n_layers=n_layers,
+                batches=batches, device=str(device), epoch_s=wall, epoch_cpu_s=cpu,
+                overhead_pct={k: 100 * (v / wall['no penalty'] - 1) for k, v in wall.items()},
+                overhead_cpu_pct={k: 100 * (v / cpu['no penalty'] - 1) for k, v in cpu.items()})
+
+
+def format_train(res: dict) -> str:
+    "The epoch times as a Markdown table, with the overhead over no penalty"
+    lines = [f"AWD-LSTM LM (emb_sz={res['emb_sz']}, n_hid={res['n_hid']}, n_layers={res['n_layers']}, "
+             f"vocab={res['vocab']}), {res['batches']} batches of {res['bs']}x{res['bptt']} tokens per epoch, "
+             f"synthetic text; median of {res['epochs']} epochs",
+             '', '| run | epoch s | overhead | epoch CPU s | CPU overhead |', '|---|---:|---:|---:|---:|']
+    for k, s in res['epoch_s'].items():
+        lines.append(f"| {k} | {s:.3f} | {res['overhead_pct'][k]:+.1f}% | {res['epoch_cpu_s'][k]:.3f} | "
+                     f"{res['overhead_cpu_pct'][k]:+.1f}% |")
+    return '\n'.join(lines)
+
+
+# --- command line -----------------------------------------------------------------------------------
+def _shapes(text: str) -> list[tuple]:
+    "'64x70x400,8x2048x2048' -> [(64, 70, 400), (8, 2048, 2048)]"
+    try: shapes = [tuple(int(n) for n in s.lower().split('x')) for s in text.split(',') if s.strip()]
+    except ValueError: shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 or s[1] < 2 for s in shapes):
+        raise ValueError(f"--shapes {text!r}: give bs x sl x n_hid triples such as 64x70x400,8x2048x2048 "
+                         "(sl >= 2, all >= 1)")
+    return shapes
+
+
+def add_arguments(parser):
+    "The `fastai-tar bench` options"
+    parser.add_argument('--shapes', metavar='BSxSLxH,...', help='shapes of the table rows (default: '
+                        + ','.join('x'.join(map(str, s)) for s in SHAPES) + ')')
+    parser.add_argument('--dtypes', default='float32,bfloat16', metavar='D,...',
+                        help=f"activation dtypes, from {', '.join(DTYPES)} (default: float32,bfloat16)")
+    parser.add_argument('--repeats', type=int, help='timed repeats per measurement (default: 20; --quick: 3)')
+    parser.add_argument('--quick', action='store_true', help='small shapes and few repeats: checks that it works')
+    parser.add_argument('--device', help="'cpu' or 'cuda' (default: cuda when available)")
+    parser.add_argument('--train', action='store_true', help='time AWD-LSTM LM epochs with and without TARCallback '
+                        'instead of the penalties alone (--quick: a tiny model)')
+    parser.add_argument('--epochs', type=int, help='--train: timed epochs per variant (default: 6; --quick: 2)')
+    parser.add_argument('--threads', type=int, help='torch intra-op threads (default: torch\'s, one per core)')
+    parser.add_argument('--json', metavar='PATH', help='also write the figures to this JSON file')
+
+
+def _environment(device) -> dict:
+    return dict(torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine(), python=platform.python_version())
+
+
+def run(args) -> int:
+    quick = args.quick
+    repeats = args.repeats if args.repeats is not None else (3 if quick else 20)
+    if repeats < 1: raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    shapes = _shapes(args.shapes) if args.shapes else (QUICK_SHAPES if quick else SHAPES)
+    dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes: raise ValueError(f"--dtypes: unknown {bad or dtypes}; choose from {', '.join(DTYPES)}")
+    try: device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device: use 'cpu' or 'cuda'") from None
+    if device.type == 'cuda' and not torch.cuda.is_available(): raise ValueError("--device cuda: no CUDA device here")
+    if args.threads is not None:
+        if args.threads < 1: raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    env = _environment(device)
+    print(f"fastai-tar bench: torch {env['torch']}, {env['device']} ({env['cpu']}), threads={env['threads']}")
+    if args.train:
+        preset = dict(TRAIN_PRESETS['quick' if quick else 'default'])
+        if args.epochs is not None:
+            if args.epochs < 1: raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+            preset['epochs'] = args.epochs
+        res = train_epochs(**preset, device=device)
+        print(format_train(res))
+        out = dict(environment=env, train=res)
+    else:
+        rows = bench_table(shapes, dtypes, repeats, device)
+        print(f"AR (alpha={ALPHA:g}, on a dropped copy) + TAR (beta={BETA:g}, on the raw tensor), forward+backward, "
+              f"median of {repeats} repeats; saved = bytes kept for backward beyond the inputs")
+        print(format_table(rows))
+        out = dict(environment=env, repeats=repeats, rows=rows)
+    if args.json:
+        Path(args.json).expanduser().write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0

@@ -5,17 +5,22 @@
 inputs and exact zeros where nothing is valid. Each is a sum over valid elements divided by
 their count; the `*_sum_count` forms return both so that callers can pool several calls, steps
 or ranks into one mean. The sums are custom autograd functions that keep nothing for backward
-but their inputs, work in time chunks so that temporaries stay small, and write the gradient
-in one pass.
+but their inputs, work in blocks of at most `CHUNK_NUMEL` elements with scratch buffers of one
+block (so that temporaries stay small whatever the size of `h`), and write the gradient directly.
 """
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ['ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count']
+__all__ = ['ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count', 'mean_of']
 
-# Elements per chunk: small enough for the temporaries to stay in cache, large enough that the
-# per-op overhead of eager PyTorch stays small against the memory traffic.
-CHUNK_NUMEL = 1 << 17
+# Elements per block. Eager PyTorch pays a few microseconds per op, so blocks must be large for
+# that to stay small against the memory traffic (2**18 is ~1.5x slower, 2**21 no faster); the
+# scratch buffers stay a bounded 4 MB of float32 each, not a copy of the whole activation.
+CHUNK_NUMEL = 1 << 20
+# Longest row whose float32 vector norm stays within ~1e-7 of the exact sum of squares.
+ROW_MAX = 1 << 16
 
 
 def _acc_dtype(h: Tensor) -> torch.dtype:
@@ -29,7 +34,7 @@ def _check(h, mask, seq_dim) -> int:
     if not h.is_floating_point():
         raise TypeError(f"h must be a floating point tensor, got dtype {h.dtype}: pass h.float()")
     if h.dim() < 2: raise ValueError(f"h must have a time and a feature dimension, got shape {tuple(h.shape)}")
-    if not -h.dim() <= seq_dim < h.dim() - 1:
+    if not isinstance(seq_dim, int) or not -h.dim() <= seq_dim < h.dim() or seq_dim % h.dim() == h.dim() - 1:
         raise ValueError(f"seq_dim={seq_dim} must name a dimension of h other than the last (features); "
                          f"h has shape {tuple(h.shape)}: use 1 for batch-first, 0 for sequence-first")
     if mask is not None:
@@ -49,82 +54,192 @@ def _pair_mask(mask: Tensor, seq_dim: int) -> Tensor:
     return mask.narrow(seq_dim, 0, n) & mask.narrow(seq_dim, 1, n)
 
 
-def _steps_per_chunk(h: Tensor, seq_dim: int) -> int:
-    return max(1, CHUNK_NUMEL * h.shape[seq_dim] // max(h.numel(), 1))
+def _ar_count(h, mask):
+    return h.numel() if mask is None else mask.sum() * h.shape[-1]
 
 
-def _chunk(x: Tensor, seq_dim: int, start: int, length: int, dtype) -> Tensor:
-    "A time slice of `x` as `dtype`: a view for float32/float64 input, a small copy for half."
-    return x.narrow(seq_dim, start, length).to(dtype)
+def _tar_count(h, mask, seq_dim):
+    n_pairs = h.shape[seq_dim] - 1
+    if n_pairs <= 0: return 0
+    if mask is None: return h.numel() // h.shape[seq_dim] * n_pairs
+    return _pair_mask(mask, seq_dim).sum() * h.shape[-1]
 
 
-def _sum_parts(parts, dtype) -> Tensor:
-    # Each part is an accurate (cascade) float32 sum of one chunk; adding the parts in float64
-    # keeps the total within float32 rounding however many chunks there are.
-    if not parts: return torch.zeros((), dtype=dtype)
-    return torch.stack(parts).double().sum().to(dtype)
+# --- cutting `h` into blocks --------------------------------------------------------------------------
+def _plan(h: Tensor, seq_dim: int):
+    """Time steps per block, the pieces along one other dim when a single step exceeds `CHUNK_NUMEL`, and the
+    elements of a block with the two extra steps TAR's backward reads (the size of the scratch buffers)."""
+    step_numel = h.numel() // max(h.shape[seq_dim], 1)
+    if step_numel <= CHUNK_NUMEL:
+        steps = max(1, CHUNK_NUMEL // max(step_numel, 1))
+        return steps, [None], (min(steps, h.shape[seq_dim]) + 2) * step_numel
+    other = max((d for d in range(h.dim()) if d != seq_dim), key=lambda d: h.shape[d])
+    size = h.shape[other]
+    per = max(1, CHUNK_NUMEL * size // step_numel)
+    return 1, [(other, b, min(per, size - b)) for b in range(0, size, per)], 3 * step_numel // size * per
 
 
+def _cut(x: Tensor | None, piece) -> Tensor | None:
+    "`x` narrowed to one piece along the other dim; masks, which lack the feature dim, keep it whole there."
+    if x is None or piece is None or piece[0] >= x.dim(): return x
+    return x.narrow(*piece)
+
+
+def _spans(start: int, stop: int, step: int):
+    return [(a, min(step, stop - a)) for a in range(start, stop, step)]
+
+
+def _rows(m: Tensor | None, seq_dim: int, a: int, k: int) -> Tensor | None:
+    "Mask slice broadcastable against the matching slice of `h`."
+    return None if m is None else m.narrow(seq_dim, a, k).unsqueeze(-1)
+
+
+def _steps(x: Tensor, seq_dim: int, n: int) -> tuple:
+    "The shape of `x` with `n` steps along `seq_dim`"
+    return x.shape[:seq_dim] + (n,) + x.shape[seq_dim + 1:]
+
+
+class _Scratch:
+    "Buffers made once per call and reused by every block: a fresh allocation per block would fault in new pages"
+    def __init__(self, numel: int, dtype, device):
+        self.numel, self.dtype, self.device, self.bufs = numel, dtype, device, {}
+
+    def __call__(self, name: str, shape) -> Tensor:
+        "A contiguous `shape` view of buffer `name`"
+        n = math.prod(shape)
+        if name not in self.bufs or self.bufs[name].numel() < n:
+            self.bufs[name] = torch.empty(max(n, self.numel), dtype=self.dtype, device=self.device)
+        return self.bufs[name][:n].view(shape)
+
+    def acc(self, x: Tensor) -> Tensor:
+        "`x` in the accumulation dtype: itself for float32/float64, a copy into buffer 'x' for half"
+        return x if x.dtype == self.dtype else self('x', x.shape).copy_(x)
+
+
+def _total(parts, h: Tensor, acc) -> Tensor:
+    # Each part is an accurate sum over one block, and `torch.sum` adds the parts by cascade (pairwise)
+    # summation: the total stays within float32 rounding however many blocks there are.
+    if not parts: return torch.zeros((), dtype=acc, device=h.device)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+def _row_squares(x: Tensor, out: Tensor) -> Tensor:
+    "`out` = sum of `x**2` along the last dim: one pass, accurate, no temporary the size of `x`."
+    # A row's vector norm is a short vectorised float32 sum (unlike one norm of the whole tensor,
+    # which drifts by ~1e-3 on 30M elements); beyond ROW_MAX elements a cascade sum keeps it exact.
+    if x.shape[-1] <= ROW_MAX: return torch.linalg.vector_norm(x, dim=-1, out=out).square_()
+    return torch.sum(x.square(), dim=-1, out=out)
+
+
+def _scaled_diff(w: Tensor, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    "`out = 2*w*(a-b)` in a single kernel: aten's `mse_loss_backward` (reduction none) is exactly that."
+    # (its functional form zero-fills a fresh output first; the `out=` form writes once)
+    return torch.ops.aten.mse_loss_backward.grad_input(w, a, b, 0, grad_input=out)
+
+
+def _grad_scale(g: Tensor, count) -> Tensor:
+    "d(output)/d(sum): `g`, divided by the count for a mean."
+    if count is None: return g
+    if isinstance(count, Tensor): return g / count.clamp(min=1).to(g.dtype)
+    return g / max(count, 1)
+
+
+def _write(out: Tensor, fn, *args, scratch: _Scratch):
+    "`fn(*args, out=out)`, through a float32 buffer when `out` is half (a mixed-dtype `out=` makes a temporary)"
+    if out.dtype == scratch.dtype: return fn(*args, out=out)
+    return out.copy_(fn(*args, out=scratch('out', out.shape)))
+
+
+# --- the autograd functions ---------------------------------------------------------------------------
 class _SquareSum(torch.autograd.Function):
-    "sum(h**2 * mask); saves only its inputs."
+    "sum(h**2 * mask), or its mean over valid elements; saves only its inputs."
     @staticmethod
-    def forward(ctx, h, mask, seq_dim):
+    def forward(ctx, h, mask, seq_dim, mean):
         ctx.save_for_backward(h, mask)
-        ctx.seq_dim, acc = seq_dim, _acc_dtype(h)
-        step, parts = _steps_per_chunk(h, seq_dim), []
-        for a in range(0, h.shape[seq_dim], step):
-            k = min(step, h.shape[seq_dim] - a)
-            x = _chunk(h, seq_dim, a, k, acc)
-            sq = x * x
-            if mask is not None: sq.mul_(mask.narrow(seq_dim, a, k).unsqueeze(-1))
-            parts.append(sq.sum())
-        return _sum_parts(parts, acc).to(h.device)
+        ctx.seq_dim, ctx.mean = seq_dim, mean
+        steps, pieces, numel = _plan(h, seq_dim)
+        acc, parts = _acc_dtype(h), []
+        scratch = _Scratch(numel, acc, h.device)
+        for p in pieces:
+            hp, mp = _cut(h, p), _cut(mask, p)
+            for a, k in _spans(0, h.shape[seq_dim], steps):
+                x = scratch.acc(hp.narrow(seq_dim, a, k))
+                rows = _row_squares(x, scratch('rows', x.shape[:-1]))
+                if mp is not None: rows.mul_(mp.narrow(seq_dim, a, k))
+                parts.append(rows.sum())
+        total = _total(parts, h, acc)
+        return mean_of(total, _ar_count(h, mask)) if mean else total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         h, mask = ctx.saved_tensors
-        grad = h * (2 * g)
-        if mask is not None: grad.mul_(mask.unsqueeze(-1))
-        return grad, None, None
+        sd = ctx.seq_dim
+        w = 2 * _grad_scale(g, _ar_count(h, mask) if ctx.mean else None)
+        if mask is None: return h * w, None, None, None  # (a 0-dim float32 scale keeps a half `h` half)
+        steps, pieces, numel = _plan(h, sd)
+        grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
+        for p in pieces:
+            hp, mp, gp = _cut(h, p), _cut(mask, p), _cut(grad, p)
+            for a, k in _spans(0, h.shape[sd], steps):
+                _write(gp.narrow(sd, a, k), torch.mul, scratch.acc(hp.narrow(sd, a, k)), _rows(mp, sd, a, k) * w,
+                       scratch=scratch)
+        return grad, None, None, None
 
 
 class _SquaredDiffSum(torch.autograd.Function):
-    "sum over t of (h[t+1]-h[t])**2 * pair_mask[t] along `seq_dim`; saves only its inputs."
+    "sum over t of (h[t+1]-h[t])**2 * pair_mask[t] along `seq_dim`, or its mean; saves only its inputs."
     @staticmethod
-    def forward(ctx, h, mask, seq_dim):
+    def forward(ctx, h, mask, seq_dim, mean):
         ctx.save_for_backward(h, mask)
-        ctx.seq_dim, acc = seq_dim, _acc_dtype(h)
-        n, step, parts = h.shape[seq_dim] - 1, _steps_per_chunk(h, seq_dim), []
-        pairs = _pair_mask(mask, seq_dim) if mask is not None and n > 0 else None
-        for a in range(0, n, step):
-            k = min(step, n - a)
-            d = _chunk(h, seq_dim, a + 1, k, acc) - _chunk(h, seq_dim, a, k, acc)
-            if pairs is not None: d.mul_(pairs.narrow(seq_dim, a, k).unsqueeze(-1))
-            parts.append(d.square_().sum())
-        return _sum_parts(parts, acc).to(h.device)
+        ctx.seq_dim, ctx.mean = seq_dim, mean
+        steps, pieces, numel = _plan(h, seq_dim)
+        acc, parts = _acc_dtype(h), []
+        scratch = _Scratch(numel, acc, h.device)
+        pairs = _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
+        for p in pieces:
+            hp, pp = _cut(h, p), _cut(pairs, p)
+            for a, k in _spans(0, h.shape[seq_dim] - 1, steps):
+                # differences are taken in `acc`: in half precision they would round (fp16: overflow)
+                x = scratch.acc(hp.narrow(seq_dim, a, k + 1))
+                d = torch.sub(x.narrow(seq_dim, 1, k), x.narrow(seq_dim, 0, k), out=scratch('d', _steps(x, seq_dim, k)))
+                rows = _row_squares(d, scratch('rows', d.shape[:-1]))
+                if pp is not None: rows.mul_(pp.narrow(seq_dim, a, k))
+                parts.append(rows.sum())
+        total = _total(parts, h, acc)
+        return mean_of(total, _tar_count(h, mask, seq_dim)) if mean else total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        # d/dh[t] of sum_t d_t**2 with d_t = h[t+1]-h[t] is 2*(d_{t-1} - d_t), d_{-1} = d_{T-1} = 0.
+        # d/dh[t] of sum_t d_t**2, d_t = h[t+1]-h[t], is 2*(d_{t-1} - d_t) with d_{-1} = d_{T-1} = 0: the first
+        # and last steps see one difference, the others two. Each block makes u = 2*w*d once for its steps.
         h, mask = ctx.saved_tensors
-        sd, acc, T = ctx.seq_dim, _acc_dtype(h), h.shape[ctx.seq_dim]
-        pairs = _pair_mask(mask, sd) if mask is not None and T > 1 else None
-        grad, step, scale = torch.empty_like(h), _steps_per_chunk(h, sd), 2 * g
-        for a in range(0, T, step):
-            k = min(step, T - a)
-            # dd holds d_{a-1} .. d_{a+k-1}, zero where t is outside 0..T-2
-            lo, hi = max(a - 1, 0), min(a + k, T - 1)
-            shape = list(h.shape); shape[sd] = k + 1
-            dd = h.new_zeros(shape, dtype=acc)
-            inner = dd.narrow(sd, lo - (a - 1), hi - lo)
-            torch.sub(_chunk(h, sd, lo + 1, hi - lo, acc), _chunk(h, sd, lo, hi - lo, acc), out=inner)
-            inner.mul_(scale if pairs is None else pairs.narrow(sd, lo, hi - lo).unsqueeze(-1) * scale)
-            torch.sub(dd.narrow(sd, 0, k), dd.narrow(sd, 1, k), out=grad.narrow(sd, a, k))
-        return grad, None, None
+        sd, T = ctx.seq_dim, h.shape[ctx.seq_dim]
+        if T < 2: return torch.zeros_like(h), None, None, None
+        w = _grad_scale(g, _tar_count(h, mask, sd) if ctx.mean else None)
+        pairs = None if mask is None else _pair_mask(mask, sd)
+        steps, pieces, numel = _plan(h, sd)
+        grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
+        for p in pieces:
+            hp, pp, gp = _cut(h, p), _cut(pairs, p), _cut(grad, p)
+            for a, k in _spans(0, T, steps):
+                lo, hi = max(a - 1, 0), min(a + k, T - 1)  # steps a..a+k-1 need the differences lo..hi-1
+                n = hi - lo
+                x = scratch.acc(hp.narrow(sd, lo, n + 1))
+                u = _scaled_diff(w if pp is None else _rows(pp, sd, lo, n) * w, x.narrow(sd, 1, n), x.narrow(sd, 0, n),
+                                 out=scratch('u', _steps(x, sd, n)))
+                first = max(a, 1)  # steps first..hi-1 see two differences: grad[t] = u[t-1] - u[t]
+                if hi > first:
+                    m = hi - first
+                    _write(gp.narrow(sd, first, m), torch.sub, u.narrow(sd, first - 1 - lo, m),
+                           u.narrow(sd, first - lo, m), scratch=scratch)
+                if a == 0: gp.narrow(sd, 0, 1).copy_(u.narrow(sd, 0, 1)).neg_()  # negation is exact in any dtype
+                if a + k == T: gp.narrow(sd, T - 1, 1).copy_(u.narrow(sd, T - 2 - lo, 1))
+        return grad, None, None, None
 
 
+# --- public API -------------------------------------------------------------------------------------
 def ar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; any floating dtype
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
@@ -132,8 +247,7 @@ def ar_sum_count(
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `h**2` over valid positions and the number of summed elements."
     seq_dim = _check(h, mask, seq_dim)
-    count = h.numel() if mask is None else mask.sum() * h.shape[-1]
-    return _SquareSum.apply(h, mask, seq_dim), count
+    return _SquareSum.apply(h, mask, seq_dim, False), _ar_count(h, mask)
 
 
 def tar_sum_count(
@@ -143,11 +257,7 @@ def tar_sum_count(
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim` and the number of summed elements."
     seq_dim = _check(h, mask, seq_dim)
-    n_pairs = h.shape[seq_dim] - 1
-    if n_pairs <= 0: count = 0
-    elif mask is None: count = h.numel() // h.shape[seq_dim] * n_pairs
-    else: count = _pair_mask(mask, seq_dim).sum() * h.shape[-1]
-    return _SquaredDiffSum.apply(h, mask, seq_dim), count
+    return _SquaredDiffSum.apply(h, mask, seq_dim, False), _tar_count(h, mask, seq_dim)
 
 
 def mean_of(total: Tensor, count: Tensor | int) -> Tensor:
@@ -162,7 +272,9 @@ def ar_penalty(
     seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
 ) -> Tensor:
     "Activation Regularization: the mean of `h**2` over valid positions (float32 for half input)."
-    return mean_of(*ar_sum_count(h, mask, seq_dim))
+    # The mean is taken inside the autograd function, which recounts the mask in backward: nothing
+    # but `h` and `mask` is kept for backward.
+    return _SquareSum.apply(h, mask, _check(h, mask, seq_dim), True)
 
 
 def tar_penalty(
@@ -171,4 +283,4 @@ def tar_penalty(
     seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
 ) -> Tensor:
     "Temporal Activation Regularization: the mean of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim`."
-    return mean_of(*tar_sum_count(h, mask, seq_dim))
+    return _SquaredDiffSum.apply(h, mask, _check(h, mask, seq_dim), True)

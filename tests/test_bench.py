@@ -1,0 +1,76 @@
+"Tests of `fastai-tar bench`: the table's structure and the saved-bytes counter; no timing assertions."
+import json
+
+import pytest
+import torch
+
+from fastai_tar.bench import QUICK_SHAPES, format_table, saved_bytes
+from fastai_tar.cli import main
+
+
+def test_saved_bytes_counts_what_autograd_keeps():
+    x = torch.randn(3, 5, requires_grad=True)
+    assert saved_bytes(lambda t: (t * t).sum(), x) == 0  # saves the input itself, twice
+    assert saved_bytes(lambda t: t[:, 1:].pow(2).sum(), x) == 0  # a view of the input shares its storage
+    assert saved_bytes(lambda t: t.exp().sum(), x) == 3 * 5 * 4  # exp keeps its float32 result
+    assert saved_bytes(lambda t: (t.exp() * t.exp()).sum(), x) == 2 * 3 * 5 * 4  # two new storages
+    assert saved_bytes(lambda t, m: t.pow(2).sum(), x, None) == 0  # a None input (no mask) is allowed
+
+
+def test_bench_quick_table_and_json(tmp_path, capsys):
+    path = tmp_path / 'bench.json'
+    assert main(['bench', '--quick', '--json', str(path)]) == 0
+    out = capsys.readouterr().out
+    head = '| shape | dtype | fastai ms | ours ms | clone ms | speed-up | ours/clone | fastai saved | ours saved |'
+    assert head in out
+    res = json.loads(path.read_text())
+    assert res['environment']['torch'] == torch.__version__ and res['repeats'] == 3
+    rows = res['rows']
+    assert [(tuple(r['shape']), r['dtype']) for r in rows] == [
+        (s, d) for d in ('float32', 'bfloat16') for s in QUICK_SHAPES]
+    table_rows = [l for l in out.splitlines() if l.startswith('| ') and 'x' in l.split('|')[1]]
+    assert len(table_rows) == len(rows)
+    for r in rows:
+        bs, sl, h = r['shape']
+        assert min(r['fastai_ms'], r['ours_ms'], r['clone_ms']) > 0
+        assert r['speedup'] == pytest.approx(r['fastai_ms'] / r['ours_ms'])
+        assert r['ours_per_clone'] == pytest.approx(r['ours_ms'] / r['clone_ms'])
+        assert r['ours_saved_bytes'] == 0
+        # fastai's TAR keeps the float32 difference; for bf16 AR keeps a float32 copy of the dropped output too
+        diff = 4 * bs * (sl - 1) * h
+        assert r['fastai_saved_bytes'] == diff + (4 * bs * sl * h if r['dtype'] == 'bfloat16' else 0)
+
+
+def test_bench_train_quick(tmp_path, capsys):
+    path = tmp_path / 'train.json'
+    assert main(['bench', '--train', '--quick', '--json', str(path)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(path.read_text())['train']
+    runs = ['no penalty', 'TARCallback', 'fastai RNNRegularizer']
+    assert list(res['epoch_s']) == runs and list(res['epoch_cpu_s']) == runs
+    assert all(v > 0 for v in res['epoch_s'].values())
+    assert res['overhead_pct']['no penalty'] == 0
+    assert res['overhead_pct']['TARCallback'] == pytest.approx(
+        100 * (res['epoch_s']['TARCallback'] / res['epoch_s']['no penalty'] - 1))
+    for run in runs: assert f'| {run} |' in out
+
+
+@pytest.mark.parametrize('argv,text', [
+    (['--shapes', '4x1x8'], '--shapes'),  # sl=1: no TAR pair to time
+    (['--shapes', '4x8'], '--shapes'),
+    (['--dtypes', 'float8'], '--dtypes'),
+    (['--repeats', '0'], '--repeats'),
+    (['--threads', '0'], '--threads'),
+    (['--device', 'gpu'], '--device'),
+])
+def test_bench_bad_options(argv, text, capsys):
+    assert main(['bench', '--quick', *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('fastai-tar bench: error:') and text in err
+
+
+def test_format_table():
+    row = dict(shape=[64, 70, 1152], dtype='float32', fastai_ms=17.04, ours_ms=4.26, clone_ms=0.9, speedup=4.0,
+               ours_per_clone=4.73, fastai_saved_bytes=20_348_928, ours_saved_bytes=0)
+    assert format_table([row]).splitlines()[-1] == \
+        '| 64x70x1152 | float32 | 17.04 | 4.26 | 0.90 | 4.0x | 4.7 | 20.3 MB | 0 B |'
