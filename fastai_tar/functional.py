@@ -137,17 +137,24 @@ def _scaled_diff(w: Tensor, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     return torch.ops.aten.mse_loss_backward.grad_input(w, a, b, 0, grad_input=out)
 
 
-def _grad_scale(g: Tensor, count) -> Tensor:
-    "d(output)/d(sum): `g`, divided by the count for a mean."
-    if count is None: return g
-    if isinstance(count, Tensor): return g / count.clamp(min=1).to(g.dtype)
-    return g / max(count, 1)
-
-
 def _write(out: Tensor, fn, *args, scratch: _Scratch):
     "`fn(*args, out=out)`, through a float32 buffer when `out` is half (a mixed-dtype `out=` makes a temporary)"
     if out.dtype == scratch.dtype: return fn(*args, out=out)
     return out.copy_(fn(*args, out=scratch('out', out.shape)))
+
+
+def _blocked_sum(h: Tensor, weights: Tensor | None, seq_dim: int, n: int, block_rows) -> Tensor:
+    "Sum over blocks of steps `a..a+k-1` (of `n`) of `block_rows(scratch, h_piece, a, k)`, rows weighted by a mask."
+    steps, pieces, numel = _plan(h, seq_dim)
+    acc, parts = _acc_dtype(h), []
+    scratch = _Scratch(numel, acc, h.device)
+    for p in pieces:
+        hp, wp = _cut(h, p), _cut(weights, p)
+        for a, k in _spans(0, n, steps):
+            rows = block_rows(scratch, hp, a, k)
+            if wp is not None: rows.mul_(wp.narrow(seq_dim, a, k))
+            parts.append(rows.sum())
+    return _total(parts, h, acc)
 
 
 # --- the autograd functions ---------------------------------------------------------------------------
@@ -157,17 +164,11 @@ class _SquareSum(torch.autograd.Function):
     def forward(ctx, h, mask, seq_dim, mean):
         ctx.save_for_backward(h, mask)
         ctx.seq_dim, ctx.mean = seq_dim, mean
-        steps, pieces, numel = _plan(h, seq_dim)
-        acc, parts = _acc_dtype(h), []
-        scratch = _Scratch(numel, acc, h.device)
-        for p in pieces:
-            hp, mp = _cut(h, p), _cut(mask, p)
-            for a, k in _spans(0, h.shape[seq_dim], steps):
-                x = scratch.acc(hp.narrow(seq_dim, a, k))
-                rows = _row_squares(x, scratch('rows', x.shape[:-1]))
-                if mp is not None: rows.mul_(mp.narrow(seq_dim, a, k))
-                parts.append(rows.sum())
-        total = _total(parts, h, acc)
+
+        def block_rows(scratch, hp, a, k):
+            x = scratch.acc(hp.narrow(seq_dim, a, k))
+            return _row_squares(x, scratch('rows', x.shape[:-1]))
+        total = _blocked_sum(h, mask, seq_dim, h.shape[seq_dim], block_rows)
         return mean_of(total, _ar_count(h, mask)) if mean else total
 
     @staticmethod
@@ -175,7 +176,7 @@ class _SquareSum(torch.autograd.Function):
     def backward(ctx, g):
         h, mask = ctx.saved_tensors
         sd = ctx.seq_dim
-        w = 2 * _grad_scale(g, _ar_count(h, mask) if ctx.mean else None)
+        w = 2 * (mean_of(g, _ar_count(h, mask)) if ctx.mean else g)
         if mask is None: return h * w, None, None, None  # (a 0-dim float32 scale keeps a half `h` half)
         steps, pieces, numel = _plan(h, sd)
         grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
@@ -193,20 +194,14 @@ class _SquaredDiffSum(torch.autograd.Function):
     def forward(ctx, h, mask, seq_dim, mean):
         ctx.save_for_backward(h, mask)
         ctx.seq_dim, ctx.mean = seq_dim, mean
-        steps, pieces, numel = _plan(h, seq_dim)
-        acc, parts = _acc_dtype(h), []
-        scratch = _Scratch(numel, acc, h.device)
         pairs = _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
-        for p in pieces:
-            hp, pp = _cut(h, p), _cut(pairs, p)
-            for a, k in _spans(0, h.shape[seq_dim] - 1, steps):
-                # differences are taken in `acc`: in half precision they would round (fp16: overflow)
-                x = scratch.acc(hp.narrow(seq_dim, a, k + 1))
-                d = torch.sub(x.narrow(seq_dim, 1, k), x.narrow(seq_dim, 0, k), out=scratch('d', _steps(x, seq_dim, k)))
-                rows = _row_squares(d, scratch('rows', d.shape[:-1]))
-                if pp is not None: rows.mul_(pp.narrow(seq_dim, a, k))
-                parts.append(rows.sum())
-        total = _total(parts, h, acc)
+
+        def block_rows(scratch, hp, a, k):
+            # differences are taken in float32 (or float64): in half precision they would round (fp16: overflow)
+            x = scratch.acc(hp.narrow(seq_dim, a, k + 1))
+            d = torch.sub(x.narrow(seq_dim, 1, k), x.narrow(seq_dim, 0, k), out=scratch('d', _steps(x, seq_dim, k)))
+            return _row_squares(d, scratch('rows', d.shape[:-1]))
+        total = _blocked_sum(h, pairs, seq_dim, h.shape[seq_dim] - 1, block_rows)
         return mean_of(total, _tar_count(h, mask, seq_dim)) if mean else total
 
     @staticmethod
@@ -217,7 +212,7 @@ class _SquaredDiffSum(torch.autograd.Function):
         h, mask = ctx.saved_tensors
         sd, T = ctx.seq_dim, h.shape[ctx.seq_dim]
         if T < 2: return torch.zeros_like(h), None, None, None
-        w = _grad_scale(g, _tar_count(h, mask, sd) if ctx.mean else None)
+        w = mean_of(g, _tar_count(h, mask, sd)) if ctx.mean else g
         pairs = None if mask is None else _pair_mask(mask, sd)
         steps, pieces, numel = _plan(h, sd)
         grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
