@@ -7,6 +7,7 @@ their count; the `*_sum_count` forms return both so that callers can pool severa
 or ranks into one mean. The sums are custom autograd functions that keep nothing for backward
 but their inputs, work in blocks of at most `CHUNK_NUMEL` elements with scratch buffers of one
 block (so that temporaries stay small whatever the size of `h`), and write the gradient directly.
+Their backward is first-order only (`once_differentiable`): no gradient penalty on top of them.
 """
 import math
 
@@ -34,7 +35,7 @@ def _check(h, mask, seq_dim) -> int:
     if not h.is_floating_point():
         raise TypeError(f"h must be a floating point tensor, got dtype {h.dtype}: pass h.float()")
     if h.dim() < 2: raise ValueError(f"h must have a time and a feature dimension, got shape {tuple(h.shape)}")
-    if not isinstance(seq_dim, int) or not -h.dim() <= seq_dim < h.dim() or seq_dim % h.dim() == h.dim() - 1:
+    if not isinstance(seq_dim, int) or isinstance(seq_dim, bool) or not -h.dim() <= seq_dim < h.dim() or seq_dim % h.dim() == h.dim() - 1:
         raise ValueError(f"seq_dim={seq_dim} must name a dimension of h other than the last (features); "
                          f"h has shape {tuple(h.shape)}: use 1 for batch-first, 0 for sequence-first")
     if mask is not None:
@@ -152,7 +153,8 @@ def _blocked_sum(h: Tensor, weights: Tensor | None, seq_dim: int, n: int, block_
         hp, wp = _cut(h, p), _cut(weights, p)
         for a, k in _spans(0, n, steps):
             rows = block_rows(scratch, hp, a, k)
-            if wp is not None: rows.mul_(wp.narrow(seq_dim, a, k))
+            # fill, not multiply: padding may hold inf or NaN (fp16 overflow), and 0*inf is NaN
+            if wp is not None: rows.masked_fill_(~wp.narrow(seq_dim, a, k), 0)
             parts.append(rows.sum())
     return _total(parts, h, acc)
 
@@ -183,8 +185,8 @@ class _SquareSum(torch.autograd.Function):
         for p in pieces:
             hp, mp, gp = _cut(h, p), _cut(mask, p), _cut(grad, p)
             for a, k in _spans(0, h.shape[sd], steps):
-                _write(gp.narrow(sd, a, k), torch.mul, scratch.acc(hp.narrow(sd, a, k)), _rows(mp, sd, a, k) * w,
-                       scratch=scratch)
+                block = _write(gp.narrow(sd, a, k), torch.mul, scratch.acc(hp.narrow(sd, a, k)), w, scratch=scratch)
+                block.masked_fill_(~_rows(mp, sd, a, k), 0)  # a fill: padding may hold inf
         return grad, None, None, None
 
 
@@ -222,8 +224,8 @@ class _SquaredDiffSum(torch.autograd.Function):
                 lo, hi = max(a - 1, 0), min(a + k, T - 1)  # steps a..a+k-1 need the differences lo..hi-1
                 n = hi - lo
                 x = scratch.acc(hp.narrow(sd, lo, n + 1))
-                u = _scaled_diff(w if pp is None else _rows(pp, sd, lo, n) * w, x.narrow(sd, 1, n), x.narrow(sd, 0, n),
-                                 out=scratch('u', _steps(x, sd, n)))
+                u = _scaled_diff(w, x.narrow(sd, 1, n), x.narrow(sd, 0, n), out=scratch('u', _steps(x, sd, n)))
+                if pp is not None: u.masked_fill_(~_rows(pp, sd, lo, n), 0)  # a fill: padding may hold inf
                 first = max(a, 1)  # steps first..hi-1 see two differences: grad[t] = u[t-1] - u[t]
                 if hi > first:
                     m = hi - first

@@ -169,6 +169,29 @@ def test_sl1_and_all_padding_give_exact_zero(dtype):
         assert torch.equal(h.grad, torch.zeros_like(h))
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('bad', [float('inf'), float('nan')])
+def test_non_finite_padding_adds_nothing(dtype, bad):
+    "Padding may hold inf or NaN (an fp16 overflow): masked out, it changes neither the value nor the gradient."
+    torch.manual_seed(0)
+    clean = torch.randn(3, 7, 4).to(dtype)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 5:] = mask[2, :2] = False
+    dirty = clean.clone()
+    dirty[~mask] = bad
+    for f, ref in ((ar_penalty, ref_ar), (tar_penalty, ref_tar)):
+        want = ref(clean.double(), mask)
+        grads = []
+        for h in (clean, dirty):
+            h = h.clone().requires_grad_()
+            val = f(h, mask)
+            val.backward()
+            assert val.item() == pytest.approx(want.item(), rel=1e-6)
+            assert torch.isfinite(h.grad).all()
+            grads.append(h.grad)
+        assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize('shape', [(0, 5, 3), (2, 0, 3), (2, 5, 0)], ids=['bs=0', 'sl=0', 'no features'])
 def test_empty_tensors_give_zero(shape):
     h = torch.randn(shape, requires_grad=True)
