@@ -11,11 +11,13 @@ language-model epochs on synthetic text with no penalty, with `TARCallback` and 
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from .cli import UsageError
 from .functional import ar_penalty, tar_penalty
 
 __all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'bench_row', 'bench_table',
@@ -234,9 +236,36 @@ def _shapes(text: str) -> list[tuple]:
     try: shapes = [tuple(int(n) for n in s.lower().split('x')) for s in text.split(',') if s.strip()]
     except ValueError: shapes = []
     if not shapes or any(len(s) != 3 or min(s) < 1 or s[1] < 2 for s in shapes):
-        raise ValueError(f"--shapes {text!r}: give bs x sl x n_hid triples such as 64x70x400,8x2048x2048 "
+        raise UsageError(f"--shapes {text!r}: give bs x sl x n_hid triples such as 64x70x400,8x2048x2048 "
                          "(sl >= 2, all >= 1)")
     return shapes
+
+
+def _device(name: str | None) -> torch.device:
+    "The --device, checked by making a tensor and a random generator there, as the bench does"
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        torch.empty(0, device=device)  # fails for a device index that does not exist
+        torch.Generator(device=device)  # refuses 'meta', whose tensors hold no data to time
+    # RuntimeError: not a device name, no such device; AssertionError, NotImplementedError: torch was built
+    # without that backend ('Torch not compiled with CUDA enabled')
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        why = str(e).strip().splitlines()[0].rstrip('.') if str(e).strip() else type(e).__name__
+        raise UsageError(f"--device {name!r} cannot run the bench here ({why}): use 'cpu' or 'cuda'") from None
+    return device
+
+
+def _json_path(text: str) -> Path:
+    "The --json file, checked before the bench runs: not a folder, in a folder that exists and takes new files"
+    path = Path(text).expanduser()
+    if path.is_dir(): raise UsageError(f"--json {text!r} is a folder: give a file name such as {text}/bench.json")
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+        if path.exists(): open(path, 'a').close()  # an existing file can be replaced; appending nothing keeps it
+    except OSError as e:
+        raise UsageError(f"--json {text!r}: cannot write there ({e.strerror or e}): give a file in a folder you can "
+                         "write in") from None
+    return path
 
 
 def add_arguments(parser):
@@ -263,25 +292,24 @@ def _environment(device) -> dict:
 def run(args) -> int:
     quick = args.quick
     repeats = args.repeats if args.repeats is not None else (3 if quick else 20)
-    if repeats < 1: raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if repeats < 1: raise UsageError(f"--repeats must be >= 1, got {repeats}")
     shapes = _shapes(args.shapes) if args.shapes else (QUICK_SHAPES if quick else SHAPES)
     dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
+    if not dtypes:
+        raise UsageError(f"--dtypes {args.dtypes!r} names no dtype: give at least one of {', '.join(DTYPES)}")
     bad = [d for d in dtypes if d not in DTYPES]
-    if bad or not dtypes: raise ValueError(f"--dtypes: unknown {bad or dtypes}; choose from {', '.join(DTYPES)}")
-    try: device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a torch device: use 'cpu' or 'cuda'") from None
-    if device.type == 'cuda' and not torch.cuda.is_available(): raise ValueError("--device cuda: no CUDA device here")
-    if args.threads is not None:
-        if args.threads < 1: raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if bad: raise UsageError(f"--dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    device = _device(args.device)
+    if args.threads is not None and args.threads < 1: raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.train and args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    json_path = _json_path(args.json) if args.json else None
+    if args.threads is not None: torch.set_num_threads(args.threads)
     env = _environment(device)
     print(f"fastai-tar bench: torch {env['torch']}, {env['device']} ({env['cpu']}), threads={env['threads']}")
     if args.train:
         preset = dict(TRAIN_PRESETS['quick' if quick else 'default'])
-        if args.epochs is not None:
-            if args.epochs < 1: raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-            preset['epochs'] = args.epochs
+        if args.epochs is not None: preset['epochs'] = args.epochs
         res = train_epochs(**preset, device=device)
         print(format_train(res))
         out = dict(environment=env, train=res)
@@ -291,7 +319,7 @@ def run(args) -> int:
               f"median of {repeats} repeats; saved = bytes kept for backward beyond the inputs")
         print(format_table(rows))
         out = dict(environment=env, repeats=repeats, rows=rows)
-    if args.json:
-        Path(args.json).expanduser().write_text(json.dumps(out, indent=1))
+    if json_path is not None:
+        json_path.write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
     return 0

@@ -2,7 +2,15 @@
 import argparse
 import sys
 
-__all__ = ['main']
+__all__ = ['UsageError', 'main']
+
+
+class UsageError(ValueError):
+    """Bad input from the user (an option, the corpus): the command prints the message on one line, no traceback.
+
+    A `ValueError`, so library callers catching that still do; any other error, a bug in fastai or in this
+    package among them, keeps its traceback. Defined here, above the subcommands: `corpus`, `demo` and
+    `bench` import it and this module imports them only when the parser is built, so there is no cycle."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +34,7 @@ def main(argv=None) -> int:
     "Entry point of the console script; returns the exit status."
     args = _parser().parse_args(argv)
     try: return args.run(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    except UsageError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"fastai-tar {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fastai.text.all import AWD_LSTM, Perplexity, awd_lstm_lm_config, language_m
 from matplotlib.figure import Figure
 
 from .callback import TARCallback
+from .cli import UsageError
 from .corpus import corpus_frame, lm_dls
 
 __all__ = ['PRESETS', 'TABLE_COLUMNS', 'add_arguments', 'run', 'make_runs', 'EpochTimer', 'train_run', 'results_table',
@@ -65,14 +67,24 @@ def _settings(args) -> dict:
     s.update({k: getattr(args, k) for k in ('epochs', 'bs', 'bptt') if getattr(args, k) is not None})
     s['threads'] = args.threads
     for k, low in (('epochs', 1), ('bs', 1), ('bptt', 2), ('threads', 1)):
-        if s[k] < low: raise ValueError(f"--{k} must be >= {low}, got {s[k]}"
+        if s[k] < low: raise UsageError(f"--{k} must be >= {low}, got {s[k]}"
                                         + (' (TAR compares consecutive time steps)' if k == 'bptt' else ''))
     for k in ('alpha', 'beta'):
         bad = [v for v in getattr(args, k) if not (math.isfinite(v) and v >= 0)]
-        if bad: raise ValueError(f"--{k} values must be finite numbers >= 0, got {bad[0]:g}")
+        if bad: raise UsageError(f"--{k} values must be finite numbers >= 0, got {bad[0]:g}")
     out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir(): raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    if out.exists() and not out.is_dir(): raise UsageError(f"--out {str(out)!r} is a file, not a folder")
     return s
+
+
+def _make_out(out: Path):
+    "Create --out and check that it takes new files, so that a bad folder fails now, not after the training."
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UsageError(f"--out {str(out)!r}: cannot write there ({e.strerror or e}): give a folder you can "
+                         "write in") from None
 
 
 def _run_name(alpha: float, beta: float) -> str:
@@ -173,6 +185,7 @@ def run(args) -> int:
     print(f"Building {source}...", flush=True)
     df = corpus_frame(args.corpus, max_chars=s['max_chars'])
     dls = lm_dls(df, bs=s['bs'], bptt=s['bptt'], seed=args.seed, path=out)
+    _make_out(out)  # after the corpus checks (a bad corpus leaves nothing behind), before any training
     n_tok = {k: int(sum(dl.lens)) for k, dl in (('train', dls.train), ('valid', dls.valid))}
     print(f"{len(df)} blocks ({int(df.is_valid.sum())} valid), {n_tok['train']} train / {n_tok['valid']} valid "
           f"tokens, vocab {len(dls.vocab)}", flush=True)
@@ -182,7 +195,6 @@ def run(args) -> int:
         print(f"\n== {name}: alpha={alpha:g}, beta={beta:g} ==", flush=True)
         results.append(train_run(dls, alpha, beta, s['epochs'], s['lr'], args.seed, config, s['drop_mult'], out))
     table = results_table(results)
-    out.mkdir(parents=True, exist_ok=True)
     files = {'plot': out/'tar_demo.png', 'json': out/'results.json', 'csv': out/'results.csv'}
     plot_results(results, files['plot'])
     table.to_csv(files['csv'], index=False)

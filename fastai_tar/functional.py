@@ -35,7 +35,8 @@ def _check(h, mask, seq_dim) -> int:
     if not h.is_floating_point():
         raise TypeError(f"h must be a floating point tensor, got dtype {h.dtype}: pass h.float()")
     if h.dim() < 2: raise ValueError(f"h must have a time and a feature dimension, got shape {tuple(h.shape)}")
-    if not isinstance(seq_dim, int) or isinstance(seq_dim, bool) or not -h.dim() <= seq_dim < h.dim() or seq_dim % h.dim() == h.dim() - 1:
+    is_int = isinstance(seq_dim, int) and not isinstance(seq_dim, bool)
+    if not is_int or not -h.dim() <= seq_dim < h.dim() or seq_dim % h.dim() == h.dim() - 1:
         raise ValueError(f"seq_dim={seq_dim} must name a dimension of h other than the last (features); "
                          f"h has shape {tuple(h.shape)}: use 1 for batch-first, 0 for sequence-first")
     if mask is not None:

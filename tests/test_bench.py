@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from fastai_tar import bench
 from fastai_tar.bench import QUICK_SHAPES, format_table, saved_bytes
 from fastai_tar.cli import main
 
@@ -49,24 +50,56 @@ def test_bench_train_quick(tmp_path, capsys):
     runs = ['no penalty', 'TARCallback', 'fastai RNNRegularizer']
     assert list(res['epoch_s']) == runs and list(res['epoch_cpu_s']) == runs
     assert all(v > 0 for v in res['epoch_s'].values())
-    assert res['overhead_pct']['no penalty'] == 0
     assert res['overhead_pct']['TARCallback'] == pytest.approx(
         100 * (res['epoch_s']['TARCallback'] / res['epoch_s']['no penalty'] - 1))
     for run in runs: assert f'| {run} |' in out
 
 
+@pytest.fixture
+def no_bench(monkeypatch):
+    "The bench itself fails the test if it starts: bad options must be caught before any measuring."
+    def refuse(*args, **kwargs): raise AssertionError('the bench started despite a bad option')
+    monkeypatch.setattr(bench, 'bench_table', refuse)
+    monkeypatch.setattr(bench, 'train_epochs', refuse)
+
+
 @pytest.mark.parametrize('argv,text', [
     (['--shapes', '4x1x8'], '--shapes'),  # sl=1: no TAR pair to time
     (['--shapes', '4x8'], '--shapes'),
-    (['--dtypes', 'float8'], '--dtypes'),
+    (['--dtypes', 'float8'], '--dtypes: unknown float8'),
+    (['--dtypes', ','], "--dtypes ',' names no dtype: give at least one of float32"),
     (['--repeats', '0'], '--repeats'),
     (['--threads', '0'], '--threads'),
-    (['--device', 'gpu'], '--device'),
+    (['--train', '--epochs', '0'], '--epochs must be >= 1'),
+    (['--device', 'gpu'], "--device 'gpu' cannot run the bench here"),
+    (['--device', 'meta'], "--device 'meta' cannot run the bench here"),  # a device without data
+    (['--device', 'cuda:99'], "--device 'cuda:99' cannot run the bench here"),  # no CUDA, or no 100th GPU
 ])
-def test_bench_bad_options(argv, text, capsys):
+def test_bench_bad_options(argv, text, capsys, no_bench):
     assert main(['bench', '--quick', *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith('fastai-tar bench: error:') and text in err
+    assert err.startswith('fastai-tar bench: error:') and text in err and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_bench_bad_json_path(train, tmp_path, capsys, no_bench):
+    "An unwritable --json fails at once, before the bench: a folder, a missing folder, a file as the folder."
+    (tmp_path / 'file').write_text('x')
+    cases = {str(tmp_path): 'is a folder', str(tmp_path / 'missing' / 'b.json'): 'cannot write there',
+             str(tmp_path / 'file' / 'b.json'): 'cannot write there'}
+    for path, text in cases.items():
+        assert main(['bench', '--quick', *(['--train'] if train else []), '--json', path]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'fastai-tar bench: error: --json {path!r}') and text in err and err.count('\n') == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file']  # nothing created, no probe left behind
+
+
+def test_bench_json_replaces_existing_file(tmp_path, capsys):
+    path = tmp_path / 'bench.json'
+    path.write_text('old')
+    assert main(['bench', '--quick', '--shapes', '2x3x4', '--dtypes', 'float32', '--repeats', '1',
+                 '--json', str(path)]) == 0
+    assert json.loads(path.read_text())['rows'][0]['shape'] == [2, 3, 4]
 
 
 def test_format_table():

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -137,6 +138,60 @@ def test_bad_arguments(case, tmp_path, capsys, monkeypatch):
     assert captured.err.count('\n') == 1 and captured.err.startswith('fastai-tar demo: error: ')
     assert message in captured.err
     assert not (tmp_path / 'tar_demo').exists()  # nothing was written
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    f = tmp_path / 'small.txt'
+    f.write_text('\n\n'.join(f'Line {i % 9} of my own text, about item {i % 4}.' for i in range(300)))
+    return f
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    "Training fails the test if it starts: a bad --out must be caught before it."
+    def refuse(*args, **kwargs): raise AssertionError('the demo started training despite a bad --out')
+    monkeypatch.setattr(demo, 'train_run', refuse)
+
+
+def test_out_under_a_file(tmp_path, small_corpus, capsys, no_training):
+    a_file = tmp_path / 'afile'
+    a_file.write_text('x')
+    out = a_file / 'sub'
+    assert main(['demo', '--quick', '--corpus', str(small_corpus), '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'fastai-tar demo: error: --out {str(out)!r}: cannot write there') and err.count('\n') == 1
+    assert a_file.read_text() == 'x'
+
+
+@pytest.mark.skipif(os.name != 'posix' or os.geteuid() == 0, reason='needs a user whom file permissions bind')
+def test_out_unwritable(tmp_path, small_corpus, capsys, no_training):
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    locked.chmod(0o500)  # may be read and entered, not written
+    try:
+        for out in (locked, locked / 'sub'):  # an existing folder, and one that cannot be created
+            assert main(['demo', '--quick', '--corpus', str(small_corpus), '--out', str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f'fastai-tar demo: error: --out {str(out)!r}: cannot write there')
+        assert list(locked.iterdir()) == []
+    finally: locked.chmod(0o700)
+
+
+def test_bs_too_large(tmp_path, small_corpus, capsys, no_training):
+    "The loaders' own check (too few tokens for a batch) reaches the command as one line."
+    assert main(['demo', '--quick', '--corpus', str(small_corpus), '--bs', '5000', '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('fastai-tar demo: error: the ') and 'fewer than bs+1=5001 tokens' in err
+    assert err.count('\n') == 1 and not (tmp_path / 'o').exists()
+
+
+def test_a_bug_is_not_a_usage_error(tmp_path, small_corpus, monkeypatch):
+    "An error that is not the user's (here a ValueError from inside training) keeps its traceback."
+    def broken(*args, **kwargs): raise ValueError('a bug deep in training')
+    monkeypatch.setattr(demo, 'train_run', broken)
+    with pytest.raises(ValueError, match='a bug deep in training'):
+        main(['demo', '--quick', '--corpus', str(small_corpus), '--out', str(tmp_path / 'out')])
 
 
 def test_bad_argument_in_a_shell(tmp_path):
