@@ -167,7 +167,7 @@ def lm_dls(
     df: pd.DataFrame,  # `corpus_frame`'s output
     bs: int = 32,  # sequences per batch
     bptt: int = 70,  # tokens per sequence
-    seed: int | None = 42,  # shuffles the training stream the same way for the same seed
+    seed: int | None = 42,  # seeds the loaders' build; each epoch's LM shuffle reads the global RNG (seed before fit)
     min_freq: int = 3,  # tokens rarer than this become `xxunk`
     max_vocab: int = 60000,  # the vocabulary's size limit
     tok=None,  # a fastai tokenizer; None is `default_tokenizer()`
