@@ -11,13 +11,12 @@ language-model epochs on synthetic text with no penalty, with `TARCallback` and 
 import json
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .cli import UsageError
+from .cli import UsageError, check_writable
 from .functional import ar_penalty, tar_penalty
 
 __all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'bench_row', 'bench_table',
@@ -259,12 +258,12 @@ def _json_path(text: str) -> Path:
     "The --json file, checked before the bench runs: not a folder, in a folder that exists and takes new files"
     path = Path(text).expanduser()
     if path.is_dir(): raise UsageError(f"--json {text!r} is a folder: give a file name such as {text}/bench.json")
+    check_writable(path.parent, f'--json {text!r}')
     try:
-        tempfile.TemporaryFile(dir=path.parent).close()
         if path.exists(): open(path, 'a').close()  # an existing file can be replaced; appending nothing keeps it
     except OSError as e:
-        raise UsageError(f"--json {text!r}: cannot write there ({e.strerror or e}): give a file in a folder you can "
-                         "write in") from None
+        raise UsageError(f"--json {text!r}: cannot write there ({e.strerror or e}): give a place you can write in") \
+            from None
     return path
 
 

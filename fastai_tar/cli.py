@@ -1,8 +1,10 @@
 "The `fastai-tar` command: `demo` shows what AR/TAR does on an offline corpus, `bench` measures speed and memory."
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
-__all__ = ['UsageError', 'main']
+__all__ = ['UsageError', 'check_writable', 'main']
 
 
 class UsageError(ValueError):
@@ -11,6 +13,19 @@ class UsageError(ValueError):
     A `ValueError`, so library callers catching that still do; any other error, a bug in fastai or in this
     package among them, keeps its traceback. Defined here, above the subcommands: `corpus`, `demo` and
     `bench` import it and this module imports them only when the parser is built, so there is no cycle."""
+
+
+def check_writable(
+    folder: Path,  # where the command will write its files
+    option: str,  # the option that named it, e.g. '--out PATH', for the message
+    create: bool = False,  # make the folder (and its parents) first
+):
+    "Raise a `UsageError` unless `folder` takes new files: checked before the work, not after it"
+    try:
+        if create: folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UsageError(f"{option}: cannot write there ({e.strerror or e}): give a place you can write in") from None
 
 
 class _Parser(argparse.ArgumentParser):

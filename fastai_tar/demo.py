@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from fastai.text.all import AWD_LSTM, Perplexity, awd_lstm_lm_config, language_m
 from matplotlib.figure import Figure
 
 from .callback import TARCallback
-from .cli import UsageError
+from .cli import UsageError, check_writable
 from .corpus import corpus_frame, lm_dls
 
 __all__ = ['PRESETS', 'TABLE_COLUMNS', 'add_arguments', 'run', 'make_runs', 'EpochTimer', 'train_run', 'results_table',
@@ -75,16 +74,6 @@ def _settings(args) -> dict:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir(): raise UsageError(f"--out {str(out)!r} is a file, not a folder")
     return s
-
-
-def _make_out(out: Path):
-    "Create --out and check that it takes new files, so that a bad folder fails now, not after the training."
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise UsageError(f"--out {str(out)!r}: cannot write there ({e.strerror or e}): give a folder you can "
-                         "write in") from None
 
 
 def _run_name(alpha: float, beta: float) -> str:
@@ -185,7 +174,8 @@ def run(args) -> int:
     print(f"Building {source}...", flush=True)
     df = corpus_frame(args.corpus, max_chars=s['max_chars'])
     dls = lm_dls(df, bs=s['bs'], bptt=s['bptt'], seed=args.seed, path=out)
-    _make_out(out)  # after the corpus checks (a bad corpus leaves nothing behind), before any training
+    # after the corpus checks (a bad corpus leaves nothing behind), before any training
+    check_writable(out, f'--out {str(out)!r}', create=True)
     n_tok = {k: int(sum(dl.lens)) for k, dl in (('train', dls.train), ('valid', dls.valid))}
     print(f"{len(df)} blocks ({int(df.is_valid.sum())} valid), {n_tok['train']} train / {n_tok['valid']} valid "
           f"tokens, vocab {len(dls.vocab)}", flush=True)
