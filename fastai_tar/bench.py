@@ -1,8 +1,9 @@
 """Measure AR+TAR speed and memory against fastai's expressions, or the callback's cost in a training epoch.
 
 Each row times, forward+backward on the same tensors: fastai's `RNNRegularizer` expressions (AR on a
-dropped copy, TAR on the raw tensor), ours (`ar_penalty`, `tar_penalty`), and one `h.clone()`, the
-memory-traffic floor. The three take turns within every repeat, so that load on the machine hits them
+dropped copy, TAR on the raw tensor), the same expressions under `torch.compile` (the strongest peer; its
+first call, which compiles, is timed apart), ours (`ar_penalty`, `tar_penalty`), and one `h.clone()`, the
+memory-traffic floor. They take turns within every repeat, so that load on the machine hits them
 alike, and are reported as medians. The bytes each keeps saved for backward beyond its inputs
 are counted with `torch.autograd.graph.saved_tensors_hooks`. `--train` instead times AWD-LSTM
 language-model epochs on synthetic text with no penalty, with `TARCallback` and with fastai's
@@ -19,13 +20,14 @@ import torch
 from .cli import UsageError, check_writable
 from .functional import ar_penalty, tar_penalty
 
-__all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'bench_row', 'bench_table',
-           'format_table', 'train_epochs', 'format_train', 'add_arguments', 'run']
+__all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'compile_naive', 'bench_row',
+           'bench_table', 'format_table', 'format_compile', 'train_epochs', 'format_train', 'add_arguments', 'run']
 
 SHAPES = [(64, 70, 400), (64, 70, 1152), (16, 512, 1024), (8, 2048, 2048)]  # bs x sl x n_hid
 QUICK_SHAPES = [(4, 12, 16), (2, 30, 24)]
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 ALPHA, BETA = 2., 1.  # the AWD-LSTM / fastai defaults
+COMPILE_BACKEND = 'inductor'  # torch.compile's default backend, the one a user gets
 
 
 def fastai_penalty(raw, dropped, alpha=ALPHA, beta=BETA):
@@ -80,6 +82,18 @@ def _time_clone(h, device) -> float:
     return secs
 
 
+def compile_naive(raw, dropped, device, backend=None) -> tuple:
+    """`torch.compile` of fastai's expressions, compiled for these tensors by a first forward+backward call, and
+    that call's seconds; or None and why it failed (no C++ compiler, a Python the compiler does not support)"""
+    torch.compiler.reset()  # each row compiles afresh: its time is a first compile, not a cache hit or a recompile
+    try:
+        fn = torch.compile(fastai_penalty, backend=backend or COMPILE_BACKEND, dynamic=False)
+        return fn, _time_grad(fn, raw, dropped, device)
+    except Exception as e:  # the bench reports a compiler that cannot run here and goes on with the other columns
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]  # dynamo's first line names the backend only
+        return None, f'{type(e).__name__}: ' + ' '.join(lines[:2])[:300]
+
+
 def bench_row(
     shape: tuple,  # bs x sl x n_hid
     dtype: torch.dtype = torch.float32,  # activation dtype
@@ -87,16 +101,20 @@ def bench_row(
     device='cpu',  # where the tensors live
     seed: int = 0,
 ) -> dict:
-    "One table row: median milliseconds and saved bytes of fastai's expressions, ours and a clone"
+    """One table row: median milliseconds and saved bytes of fastai's expressions, of the same compiled (and its
+    compile seconds), of ours and of a clone"""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     raw = torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_()
     # AWD-LSTM's output dropout (p=0.1): a separate tensor, as in the model
     keep = torch.rand(shape, generator=g, device=device) >= 0.1
     dropped = (raw.detach() * keep / 0.9).requires_grad_()
+    compiled, compile_s = compile_naive(raw, dropped, device)
     measure = {'fastai': lambda: _time_grad(fastai_penalty, raw, dropped, device),
+               'compiled': lambda: _time_grad(compiled, raw, dropped, device),
                'ours': lambda: _time_grad(our_penalty, raw, dropped, device),
                'clone': lambda: _time_clone(raw, device)}
+    if compiled is None: del measure['compiled']
     times = {k: [] for k in measure}
     for i in range(1 + repeats):  # the first round warms up
         for k, f in measure.items():
@@ -106,8 +124,11 @@ def bench_row(
             secs = f()
             if i >= 1: times[k].append(secs)
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    return dict(shape=list(shape), dtype=str(dtype).replace('torch.', ''), fastai_ms=ms['fastai'], ours_ms=ms['ours'],
-                clone_ms=ms['clone'], speedup=ms['fastai'] / ms['ours'], ours_per_clone=ms['ours'] / ms['clone'],
+    return dict(shape=list(shape), dtype=str(dtype).replace('torch.', ''), fastai_ms=ms['fastai'],
+                compiled_ms=ms.get('compiled'), ours_ms=ms['ours'], clone_ms=ms['clone'],
+                speedup=ms['fastai'] / ms['ours'], ours_per_compiled=ms['ours'] / ms['compiled'] if compiled else None,
+                ours_per_clone=ms['ours'] / ms['clone'],
+                compile_s=compile_s if compiled else None, compile_error=None if compiled else compile_s,
                 fastai_saved_bytes=saved_bytes(fastai_penalty, raw, dropped),
                 ours_saved_bytes=saved_bytes(our_penalty, raw, dropped))
 
@@ -124,15 +145,28 @@ def _bytes(n: int) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    "The rows as a Markdown table"
-    head = ['shape', 'dtype', 'fastai ms', 'ours ms', 'clone ms', 'speed-up', 'ours/clone', 'fastai saved',
-            'ours saved']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 2 + ['---:'] * 7) + '|']
+    "The rows as a Markdown table; '-' where `torch.compile` could not run"
+    head = ['shape', 'dtype', 'fastai ms', 'compiled ms', 'ours ms', 'clone ms', 'speed-up', 'ours/compiled',
+            'ours/clone', 'fastai saved', 'ours saved']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 2 + ['---:'] * 9) + '|']
     for r in rows:
-        cells = ['x'.join(map(str, r['shape'])), r['dtype'], f"{r['fastai_ms']:.2f}", f"{r['ours_ms']:.2f}",
-                 f"{r['clone_ms']:.2f}", f"{r['speedup']:.1f}x", f"{r['ours_per_clone']:.1f}",
-                 _bytes(r['fastai_saved_bytes']), _bytes(r['ours_saved_bytes'])]
+        compiled = r.get('compiled_ms') is not None
+        cells = ['x'.join(map(str, r['shape'])), r['dtype'], f"{r['fastai_ms']:.2f}",
+                 f"{r['compiled_ms']:.2f}" if compiled else '-', f"{r['ours_ms']:.2f}", f"{r['clone_ms']:.2f}",
+                 f"{r['speedup']:.1f}x", f"{r['ours_per_compiled']:.2f}" if compiled else '-',
+                 f"{r['ours_per_clone']:.1f}", _bytes(r['fastai_saved_bytes']), _bytes(r['ours_saved_bytes'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def format_compile(rows: list[dict]) -> str:
+    "The seconds `torch.compile` spent on each row's first call, or why it could not run"
+    done = [f"{'x'.join(map(str, r['shape']))} {r['dtype']} {r['compile_s']:.1f} s" for r in rows
+            if r.get('compile_s') is not None]
+    failed = sorted({r['compile_error'] for r in rows if r.get('compile_error')})
+    lines = [f"compiled = torch.compile(backend={COMPILE_BACKEND!r}) of fastai's expressions, timed after its first "
+             "call; that call (compiling forward and backward) took: " + (', '.join(done) or 'none ran')]
+    lines += [f'torch.compile could not run here: {e}' for e in failed]
     return '\n'.join(lines)
 
 
@@ -317,6 +351,7 @@ def run(args) -> int:
         print(f"AR (alpha={ALPHA:g}, on a dropped copy) + TAR (beta={BETA:g}, on the raw tensor), forward+backward, "
               f"median of {repeats} repeats; saved = bytes kept for backward beyond the inputs")
         print(format_table(rows))
+        print(format_compile(rows))
         out = dict(environment=env, repeats=repeats, rows=rows)
     if json_path is not None:
         json_path.write_text(json.dumps(out, indent=1))

@@ -24,16 +24,25 @@ CHUNK_NUMEL = 1 << 20
 ROW_MAX = 1 << 16
 
 
+# The floating dtypes with arithmetic kernels; float8 formats with a zero and a sign only convert, so their sums
+# and gradients are computed in float32 and rounded once. (float8_e8m0fnu, a scale format, has neither zero nor
+# sign, and packed float4 no conversion kernel: no gradient could be stored in them.)
+_ARITH = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = _ARITH + tuple(getattr(torch, d) for d in
+                                  ('float8_e4m3fn', 'float8_e4m3fnuz', 'float8_e5m2', 'float8_e5m2fnuz') if hasattr(torch, d))
+
+
 def _acc_dtype(h: Tensor) -> torch.dtype:
-    "float64 stays float64; float32 and half inputs accumulate in float32."
+    "float64 stays float64; float32, half and float8 inputs accumulate in float32."
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 def _check(h, mask, seq_dim) -> int:
     "Validate the arguments; return `seq_dim` as a non-negative index."
     if not isinstance(h, Tensor): raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
-    if not h.is_floating_point():
-        raise TypeError(f"h must be a floating point tensor, got dtype {h.dtype}: pass h.float()")
+    if h.dtype not in SUPPORTED_DTYPES:
+        names = ', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)
+        raise TypeError(f"h must be a floating point tensor of dtype {names}; got {h.dtype}: pass h.float()")
     if h.dim() < 2: raise ValueError(f"h must have a time and a feature dimension, got shape {tuple(h.shape)}")
     is_int = isinstance(seq_dim, int) and not isinstance(seq_dim, bool)
     if not is_int or not -h.dim() <= seq_dim < h.dim() or seq_dim % h.dim() == h.dim() - 1:
@@ -56,7 +65,7 @@ def _pair_mask(mask: Tensor, seq_dim: int) -> Tensor:
     return mask.narrow(seq_dim, 0, n) & mask.narrow(seq_dim, 1, n)
 
 
-def _ar_count(h, mask):
+def _ar_count(h, mask, seq_dim=None):
     return h.numel() if mask is None else mask.sum() * h.shape[-1]
 
 
@@ -139,10 +148,12 @@ def _scaled_diff(w: Tensor, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     return torch.ops.aten.mse_loss_backward.grad_input(w, a, b, 0, grad_input=out)
 
 
-def _write(out: Tensor, fn, *args, scratch: _Scratch):
-    "`fn(*args, out=out)`, through a float32 buffer when `out` is half (a mixed-dtype `out=` makes a temporary)"
-    if out.dtype == scratch.dtype: return fn(*args, out=out)
-    return out.copy_(fn(*args, out=scratch('out', out.shape)))
+def _write(out: Tensor, fn, *args, scratch: _Scratch, zero: Tensor | None = None):
+    """`fn(*args, out=out)`, zeroed where `zero` is True, through a float32 buffer when `out` is half or float8 (a
+    mixed-dtype `out=` makes a temporary, and float8 has no arithmetic kernels)"""
+    res = fn(*args, out=out if out.dtype == scratch.dtype else scratch('out', out.shape))
+    if zero is not None: res.masked_fill_(zero, 0)  # a fill, not a product: padding may hold inf
+    return res if res is out else out.copy_(res)
 
 
 def _blocked_sum(h: Tensor, weights: Tensor | None, seq_dim: int, n: int, block_rows) -> Tensor:
@@ -161,42 +172,98 @@ def _blocked_sum(h: Tensor, weights: Tensor | None, seq_dim: int, n: int, block_
 
 
 # --- the autograd functions ---------------------------------------------------------------------------
-class _SquareSum(torch.autograd.Function):
-    "sum(h**2 * mask), or its mean over valid elements; saves only its inputs."
+def _fill(x: Tensor, m: Tensor | None) -> Tensor:
+    "`x` with zeros where the (time-step) mask `m` is False: a fill, not a product, as padding may hold inf or NaN"
+    return x if m is None else x.masked_fill(~m.unsqueeze(-1), 0)
+
+
+class _PenaltySum(torch.autograd.Function):
+    """Base of the two sums: `forward` is blocked and lean, and saves nothing but `h` and `mask`. First-order
+    backward is blocked as well; when autograd records a graph of the backward (`create_graph=True`, a gradient
+    penalty, a Hessian-vector product) the gradient is instead that of `plain`, the same sum in differentiable
+    torch ops, so that it is correct to any order. `jvp` gives forward-mode AD."""
     @staticmethod
-    def forward(ctx, h, mask, seq_dim, mean):
+    def setup_context(ctx, inputs, output):
+        h, mask, seq_dim, mean = inputs
         ctx.save_for_backward(h, mask)
+        ctx.save_for_forward(h, mask)
         ctx.seq_dim, ctx.mean = seq_dim, mean
 
+    @classmethod
+    def scale(cls, g: Tensor, h: Tensor, mask, seq_dim: int, mean: bool) -> Tensor:
+        "The incoming gradient (or tangent) of the sum: `g`, divided by the count for a mean"
+        return mean_of(g, cls.count(h, mask, seq_dim)) if mean else g
+
+    @classmethod
+    def backward(cls, ctx, g):
+        h, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():  # the engine enables grad mode in backward exactly when create_graph=True
+            with torch.enable_grad():
+                total = cls.plain(h, mask, ctx.seq_dim)
+            grad, = torch.autograd.grad(total, h, cls.scale(g, h, mask, ctx.seq_dim, ctx.mean), create_graph=True)
+        else: grad = cls.blocked_grad(h, mask, ctx.seq_dim, cls.scale(g, h, mask, ctx.seq_dim, ctx.mean))
+        return grad, None, None, None
+
+    @classmethod
+    def jvp(cls, ctx, h_t, *_):
+        h, mask = ctx.saved_tensors
+        return cls.scale(cls.tangent(h, h_t, mask, ctx.seq_dim), h, mask, ctx.seq_dim, ctx.mean)
+
+
+class _SquareSum(_PenaltySum):
+    "sum(h**2 * mask), or its mean over valid elements"
+    count = staticmethod(_ar_count)
+
+    @staticmethod
+    def plain(h, mask, seq_dim):
+        return _fill(h.to(_acc_dtype(h)), mask).square().sum()
+
+    @staticmethod
+    def tangent(h, h_t, mask, seq_dim):
+        acc = _acc_dtype(h)
+        return 2 * _fill(h.to(acc) * h_t.to(acc), mask).sum()
+
+    @staticmethod
+    def forward(h, mask, seq_dim, mean):
         def block_rows(scratch, hp, a, k):
             x = scratch.acc(hp.narrow(seq_dim, a, k))
             return _row_squares(x, scratch('rows', x.shape[:-1]))
         total = _blocked_sum(h, mask, seq_dim, h.shape[seq_dim], block_rows)
-        return mean_of(total, _ar_count(h, mask)) if mean else total
+        return mean_of(total, _ar_count(h, mask, seq_dim)) if mean else total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        h, mask = ctx.saved_tensors
-        sd = ctx.seq_dim
-        w = 2 * (mean_of(g, _ar_count(h, mask)) if ctx.mean else g)
-        if mask is None: return h * w, None, None, None  # (a 0-dim float32 scale keeps a half `h` half)
+    def blocked_grad(h, mask, sd, w):
+        w = 2 * w
+        # (a 0-dim float32 scale keeps a half `h` half; float8 has no multiplication kernel and takes the blocks)
+        if mask is None and h.dtype in _ARITH: return h * w
         steps, pieces, numel = _plan(h, sd)
         grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
         for p in pieces:
             hp, mp, gp = _cut(h, p), _cut(mask, p), _cut(grad, p)
             for a, k in _spans(0, h.shape[sd], steps):
-                block = _write(gp.narrow(sd, a, k), torch.mul, scratch.acc(hp.narrow(sd, a, k)), w, scratch=scratch)
-                block.masked_fill_(~_rows(mp, sd, a, k), 0)  # a fill: padding may hold inf
-        return grad, None, None, None
+                _write(gp.narrow(sd, a, k), torch.mul, scratch.acc(hp.narrow(sd, a, k)), w, scratch=scratch,
+                       zero=None if mp is None else ~_rows(mp, sd, a, k))
+        return grad
 
 
-class _SquaredDiffSum(torch.autograd.Function):
-    "sum over t of (h[t+1]-h[t])**2 * pair_mask[t] along `seq_dim`, or its mean; saves only its inputs."
+class _SquaredDiffSum(_PenaltySum):
+    "sum over t of (h[t+1]-h[t])**2 * pair_mask[t] along `seq_dim`, or its mean"
+    count = staticmethod(_tar_count)
+
     @staticmethod
-    def forward(ctx, h, mask, seq_dim, mean):
-        ctx.save_for_backward(h, mask)
-        ctx.seq_dim, ctx.mean = seq_dim, mean
+    def plain(h, mask, seq_dim):
+        pairs = _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
+        return _fill(torch.diff(h.to(_acc_dtype(h)), dim=seq_dim), pairs).square().sum()
+
+    @staticmethod
+    def tangent(h, h_t, mask, seq_dim):
+        acc = _acc_dtype(h)
+        pairs = _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
+        d, d_t = torch.diff(h.to(acc), dim=seq_dim), torch.diff(h_t.to(acc), dim=seq_dim)
+        return 2 * _fill(d * d_t, pairs).sum()
+
+    @staticmethod
+    def forward(h, mask, seq_dim, mean):
         pairs = _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
 
         def block_rows(scratch, hp, a, k):
@@ -208,14 +275,11 @@ class _SquaredDiffSum(torch.autograd.Function):
         return mean_of(total, _tar_count(h, mask, seq_dim)) if mean else total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
+    def blocked_grad(h, mask, sd, w):
         # d/dh[t] of sum_t d_t**2, d_t = h[t+1]-h[t], is 2*(d_{t-1} - d_t) with d_{-1} = d_{T-1} = 0: the first
         # and last steps see one difference, the others two. Each block makes u = 2*w*d once for its steps.
-        h, mask = ctx.saved_tensors
-        sd, T = ctx.seq_dim, h.shape[ctx.seq_dim]
-        if T < 2: return torch.zeros_like(h), None, None, None
-        w = mean_of(g, _tar_count(h, mask, sd)) if ctx.mean else g
+        T = h.shape[sd]
+        if T < 2: return torch.zeros_like(h)
         pairs = None if mask is None else _pair_mask(mask, sd)
         steps, pieces, numel = _plan(h, sd)
         grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
@@ -232,30 +296,42 @@ class _SquaredDiffSum(torch.autograd.Function):
                     m = hi - first
                     _write(gp.narrow(sd, first, m), torch.sub, u.narrow(sd, first - 1 - lo, m),
                            u.narrow(sd, first - lo, m), scratch=scratch)
-                if a == 0: gp.narrow(sd, 0, 1).copy_(u.narrow(sd, 0, 1)).neg_()  # negation is exact in any dtype
+                if a == 0: gp.narrow(sd, 0, 1).copy_(u.narrow(sd, 0, 1).neg())  # one step: a small temporary
                 if a + k == T: gp.narrow(sd, T - 1, 1).copy_(u.narrow(sd, T - 2 - lo, 1))
-        return grad, None, None, None
+        return grad
 
 
 # --- public API -------------------------------------------------------------------------------------
+def _apply(fn, h: Tensor, mask, seq_dim: int, mean: bool) -> Tensor:
+    "`fn` on `h`: the lean blocked function eagerly, its plain expression where a compiler or torch.func transforms"
+    # Inside `torch.compile` the plain expression is traced, so that the compiler fuses it into the user's graph
+    # (the blocked code's `out=` writes into scratch buffers would break the graph). Under `torch.func` (grad, vmap,
+    # jacrev, jvp) it is composed of ops that every transform knows. The test is cheap, and `is_compiling()` comes
+    # first so that the compiler reads a constant and never sees the functorch query.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        total = fn.plain(h, mask, seq_dim)
+        return mean_of(total, fn.count(h, mask, seq_dim)) if mean else total
+    return fn.apply(h, mask, seq_dim, mean)
+
+
 def ar_sum_count(
-    h: Tensor,  # activations, e.g. `bs x sl x n_hid`; any floating dtype
+    h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
     seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `h**2` over valid positions and the number of summed elements."
     seq_dim = _check(h, mask, seq_dim)
-    return _SquareSum.apply(h, mask, seq_dim, False), _ar_count(h, mask)
+    return _apply(_SquareSum, h, mask, seq_dim, False), _ar_count(h, mask)
 
 
 def tar_sum_count(
-    h: Tensor,  # activations, e.g. `bs x sl x n_hid`; any floating dtype
+    h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
     seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim` and the number of summed elements."
     seq_dim = _check(h, mask, seq_dim)
-    return _SquaredDiffSum.apply(h, mask, seq_dim, False), _tar_count(h, mask, seq_dim)
+    return _apply(_SquaredDiffSum, h, mask, seq_dim, False), _tar_count(h, mask, seq_dim)
 
 
 def mean_of(total: Tensor, count: Tensor | int) -> Tensor:
@@ -265,20 +341,20 @@ def mean_of(total: Tensor, count: Tensor | int) -> Tensor:
 
 
 def ar_penalty(
-    h: Tensor,  # activations, e.g. `bs x sl x n_hid`; any floating dtype
+    h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
     seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
 ) -> Tensor:
-    "Activation Regularization: the mean of `h**2` over valid positions (float32 for half input)."
+    "Activation Regularization: the mean of `h**2` over valid positions (float32 for half and float8 input)."
     # The mean is taken inside the autograd function, which recounts the mask in backward: nothing
     # but `h` and `mask` is kept for backward.
-    return _SquareSum.apply(h, mask, _check(h, mask, seq_dim), True)
+    return _apply(_SquareSum, h, mask, _check(h, mask, seq_dim), True)
 
 
 def tar_penalty(
-    h: Tensor,  # activations, e.g. `bs x sl x n_hid`; any floating dtype
+    h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
     seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
 ) -> Tensor:
     "Temporal Activation Regularization: the mean of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim`."
-    return _SquaredDiffSum.apply(h, mask, _check(h, mask, seq_dim), True)
+    return _apply(_SquaredDiffSum, h, mask, _check(h, mask, seq_dim), True)

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from fastai_tar import bench
-from fastai_tar.bench import QUICK_SHAPES, format_table, saved_bytes
+from fastai_tar.bench import QUICK_SHAPES, format_compile, format_table, saved_bytes
 from fastai_tar.cli import main
+
+
+@pytest.fixture(autouse=True)
+def cheap_compile(monkeypatch):
+    "aot_eager traces forward and backward as inductor does, in a fraction of the time and without a C++ compiler"
+    monkeypatch.setattr(bench, 'COMPILE_BACKEND', 'aot_eager')
 
 
 def test_saved_bytes_counts_what_autograd_keeps():
@@ -22,8 +28,10 @@ def test_bench_quick_table_and_json(tmp_path, capsys):
     path = tmp_path / 'bench.json'
     assert main(['bench', '--quick', '--json', str(path)]) == 0
     out = capsys.readouterr().out
-    head = '| shape | dtype | fastai ms | ours ms | clone ms | speed-up | ours/clone | fastai saved | ours saved |'
+    head = ('| shape | dtype | fastai ms | compiled ms | ours ms | clone ms | speed-up | ours/compiled | ours/clone '
+            '| fastai saved | ours saved |')
     assert head in out
+    assert "compiled = torch.compile(backend='aot_eager') of fastai's expressions" in out
     res = json.loads(path.read_text())
     assert res['environment']['torch'] == torch.__version__ and res['repeats'] == 3
     rows = res['rows']
@@ -33,8 +41,11 @@ def test_bench_quick_table_and_json(tmp_path, capsys):
     assert len(table_rows) == len(rows)
     for r in rows:
         bs, sl, h = r['shape']
-        assert min(r['fastai_ms'], r['ours_ms'], r['clone_ms']) > 0
+        assert min(r['fastai_ms'], r['compiled_ms'], r['ours_ms'], r['clone_ms'], r['compile_s']) > 0
+        assert r['compile_error'] is None
+        assert f"{bs}x{sl}x{h} {r['dtype']} {r['compile_s']:.1f} s" in out  # the compile time, apart from the table
         assert r['speedup'] == pytest.approx(r['fastai_ms'] / r['ours_ms'])
+        assert r['ours_per_compiled'] == pytest.approx(r['ours_ms'] / r['compiled_ms'])
         assert r['ours_per_clone'] == pytest.approx(r['ours_ms'] / r['clone_ms'])
         assert r['ours_saved_bytes'] == 0
         # fastai's TAR keeps the float32 difference; for bf16 AR keeps a float32 copy of the dropped output too
@@ -103,7 +114,24 @@ def test_bench_json_replaces_existing_file(tmp_path, capsys):
 
 
 def test_format_table():
-    row = dict(shape=[64, 70, 1152], dtype='float32', fastai_ms=17.04, ours_ms=4.26, clone_ms=0.9, speedup=4.0,
-               ours_per_clone=4.73, fastai_saved_bytes=20_348_928, ours_saved_bytes=0)
-    assert format_table([row]).splitlines()[-1] == \
-        '| 64x70x1152 | float32 | 17.04 | 4.26 | 0.90 | 4.0x | 4.7 | 20.3 MB | 0 B |'
+    row = dict(shape=[64, 70, 1152], dtype='float32', fastai_ms=17.04, compiled_ms=3.55, ours_ms=4.26, clone_ms=0.9,
+               speedup=4.0, ours_per_compiled=1.2, ours_per_clone=4.73, compile_s=4.51, compile_error=None,
+               fastai_saved_bytes=20_348_928, ours_saved_bytes=0)
+    failed = dict(row, shape=[2, 3, 4], compiled_ms=None, ours_per_compiled=None, compile_s=None,
+                  compile_error='BackendCompilerFailed: no C++ compiler')
+    lines = format_table([row, failed]).splitlines()
+    assert lines[-2] == '| 64x70x1152 | float32 | 17.04 | 3.55 | 4.26 | 0.90 | 4.0x | 1.20 | 4.7 | 20.3 MB | 0 B |'
+    assert lines[-1] == '| 2x3x4 | float32 | 17.04 | - | 4.26 | 0.90 | 4.0x | - | 4.7 | 20.3 MB | 0 B |'
+    text = format_compile([row, failed])
+    assert 'took: 64x70x1152 float32 4.5 s' in text and '2x3x4' not in text
+    assert text.splitlines()[-1] == 'torch.compile could not run here: BackendCompilerFailed: no C++ compiler'
+
+
+def test_compile_failure_leaves_the_other_columns(monkeypatch, capsys):
+    "Where torch.compile cannot run (no C++ compiler, an unsupported Python), the row says why and the bench goes on"
+    def broken(gm, example_inputs): raise RuntimeError('no C++ compiler found')
+    monkeypatch.setattr(bench, 'COMPILE_BACKEND', broken)
+    assert main(['bench', '--shapes', '2x3x4', '--dtypes', 'float32', '--repeats', '1']) == 0
+    out = capsys.readouterr().out
+    assert '| 2x3x4 | float32 |' in out and '| - |' in out
+    assert 'torch.compile could not run here:' in out and 'no C++ compiler found' in out
