@@ -7,7 +7,11 @@ their count; the `*_sum_count` forms return both so that callers can pool severa
 or ranks into one mean. The sums are custom autograd functions that keep nothing for backward
 but their inputs, work in blocks of at most `CHUNK_NUMEL` elements with scratch buffers of one
 block (so that temporaries stay small whatever the size of `h`), and write the gradient directly.
-Their backward is first-order only (`once_differentiable`): no gradient penalty on top of them.
+Gradients are correct to any order (a backward that builds a graph uses differentiable ops), forward-mode
+AD has a `jvp`, and under `torch.func` transforms or inside `torch.compile` the penalties are the plain
+expression, with the same mask and accumulation semantics, so that transforms and compilers see ops they know.
+Dtypes: float64 (accumulated in float64), float32, float16, bfloat16 and the float8 formats with a zero
+and a sign (accumulated in float32, the gradient rounded once to `h`'s dtype); others raise a TypeError.
 """
 import math
 
@@ -302,13 +306,16 @@ class _SquaredDiffSum(_PenaltySum):
 
 
 # --- public API -------------------------------------------------------------------------------------
+_is_compiling = getattr(torch.compiler, 'is_compiling', lambda: False)  # (torch < 2.3 lacks it)
+
+
 def _apply(fn, h: Tensor, mask, seq_dim: int, mean: bool) -> Tensor:
     "`fn` on `h`: the lean blocked function eagerly, its plain expression where a compiler or torch.func transforms"
     # Inside `torch.compile` the plain expression is traced, so that the compiler fuses it into the user's graph
     # (the blocked code's `out=` writes into scratch buffers would break the graph). Under `torch.func` (grad, vmap,
     # jacrev, jvp) it is composed of ops that every transform knows. The test is cheap, and `is_compiling()` comes
     # first so that the compiler reads a constant and never sees the functorch query.
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if _is_compiling() or torch._C._are_functorch_transforms_active():
         total = fn.plain(h, mask, seq_dim)
         return mean_of(total, fn.count(h, mask, seq_dim)) if mean else total
     return fn.apply(h, mask, seq_dim, mean)

@@ -228,6 +228,21 @@ def test_compiled_aot_eager_one_graph_same_values():
             torch.testing.assert_close(comp, eager, msg=layout)
 
 
+def test_compiled_dynamic_shapes_compile_once():
+    "Batch and sequence sizes that change from call to call compile once per mask variant (no recompile per shape)"
+    def both(h, m): return 2 * ar_penalty(h, m) + tar_penalty(h, m)
+    torch.compiler.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(both, backend='aot_eager', fullgraph=True, dynamic=True)
+    for bs, sl in ((4, 7), (3, 7), (2, 5)):
+        for m in (None, torch.rand(bs, sl) < .7):
+            h = torch.randn(bs, sl, 5, requires_grad=True)
+            got, want = compiled(h, m), both(h, m)
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(want, h)[0])
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 2  # with and without a mask
+
+
 def test_compiled_inductor():
     """Default backend, on a batch-first view of sequence-first storage (strides (H, B*H, 1), what inductor hands a
     hook on `nn.LSTM(batch_first=True)`): the eager value and gradients"""
