@@ -1,10 +1,10 @@
 """Measure AR+TAR speed and memory against fastai's expressions, or the callback's cost in a training epoch.
 
 Each row times, forward+backward on the same tensors: fastai's `RNNRegularizer` expressions (AR on a
-dropped copy, TAR on the raw tensor), the same expressions under `torch.compile` (the strongest peer; its
-first call, which compiles, is timed apart), ours (`ar_penalty`, `tar_penalty`), and one `h.clone()`, the
-memory-traffic floor. They take turns within every repeat, so that load on the machine hits them
-alike, and are reported as medians. The bytes each keeps saved for backward beyond its inputs
+dropped copy, TAR on the raw tensor), ours (`ar_penalty`, `tar_penalty`), and one `h.clone()`, the
+memory-traffic floor. The three take turns within every repeat, so that load on the machine hits them
+alike, and are reported as medians. After all rows, the same expressions under `torch.compile` (the
+strongest peer) are timed for each row, their first call, which compiles, apart. The bytes each keeps saved for backward beyond its inputs
 are counted with `torch.autograd.graph.saved_tensors_hooks`. `--train` instead times AWD-LSTM
 language-model epochs on synthetic text with no penalty, with `TARCallback` and with fastai's
 `RNNRegularizer`.
@@ -21,7 +21,8 @@ from .cli import UsageError, check_writable
 from .functional import ar_penalty, tar_penalty
 
 __all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'compile_naive', 'bench_row',
-           'bench_table', 'format_table', 'format_compile', 'train_epochs', 'format_train', 'add_arguments', 'run']
+           'compiled_columns', 'bench_table', 'format_table', 'format_compile', 'train_epochs', 'format_train',
+           'add_arguments', 'run']
 
 SHAPES = [(64, 70, 400), (64, 70, 1152), (16, 512, 1024), (8, 2048, 2048)]  # bs x sl x n_hid
 QUICK_SHAPES = [(4, 12, 16), (2, 30, 24)]
@@ -94,27 +95,16 @@ def compile_naive(raw, dropped, device, backend=None) -> tuple:
         return None, f'{type(e).__name__}: ' + ' '.join(lines[:2])[:300]
 
 
-def bench_row(
-    shape: tuple,  # bs x sl x n_hid
-    dtype: torch.dtype = torch.float32,  # activation dtype
-    repeats: int = 20,  # timed repeats; the medians are reported
-    device='cpu',  # where the tensors live
-    seed: int = 0,
-) -> dict:
-    """One table row: median milliseconds and saved bytes of fastai's expressions, of the same compiled (and its
-    compile seconds), of ours and of a clone"""
-    device = torch.device(device)
+def _inputs(shape, dtype, device, seed):
+    "The raw activation and AWD-LSTM's dropped copy of it (output dropout p=0.1: a separate tensor, as in the model)"
     g = torch.Generator(device=device).manual_seed(seed)
     raw = torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_()
-    # AWD-LSTM's output dropout (p=0.1): a separate tensor, as in the model
     keep = torch.rand(shape, generator=g, device=device) >= 0.1
-    dropped = (raw.detach() * keep / 0.9).requires_grad_()
-    compiled, compile_s = compile_naive(raw, dropped, device)
-    measure = {'fastai': lambda: _time_grad(fastai_penalty, raw, dropped, device),
-               'compiled': lambda: _time_grad(compiled, raw, dropped, device),
-               'ours': lambda: _time_grad(our_penalty, raw, dropped, device),
-               'clone': lambda: _time_clone(raw, device)}
-    if compiled is None: del measure['compiled']
+    return raw, (raw.detach() * keep / 0.9).requires_grad_()
+
+
+def _medians(measure: dict, repeats: int) -> dict:
+    "Median milliseconds of each `measure` callable, the callables taking turns"
     times = {k: [] for k in measure}
     for i in range(1 + repeats):  # the first round warms up
         for k, f in measure.items():
@@ -123,19 +113,50 @@ def bench_row(
             f()
             secs = f()
             if i >= 1: times[k].append(secs)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    return dict(shape=list(shape), dtype=str(dtype).replace('torch.', ''), fastai_ms=ms['fastai'],
-                compiled_ms=ms.get('compiled'), ours_ms=ms['ours'], clone_ms=ms['clone'],
-                speedup=ms['fastai'] / ms['ours'], ours_per_compiled=ms['ours'] / ms['compiled'] if compiled else None,
-                ours_per_clone=ms['ours'] / ms['clone'],
-                compile_s=compile_s if compiled else None, compile_error=None if compiled else compile_s,
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def bench_row(
+    shape: tuple,  # bs x sl x n_hid
+    dtype: torch.dtype = torch.float32,  # activation dtype
+    repeats: int = 20,  # timed repeats; the medians are reported
+    device='cpu',  # where the tensors live
+    seed: int = 0,
+) -> dict:
+    "One table row: median milliseconds and saved bytes of fastai's expressions, ours and a clone"
+    device = torch.device(device)
+    raw, dropped = _inputs(shape, dtype, device, seed)
+    ms = _medians({'fastai': lambda: _time_grad(fastai_penalty, raw, dropped, device),
+                   'ours': lambda: _time_grad(our_penalty, raw, dropped, device),
+                   'clone': lambda: _time_clone(raw, device)}, repeats)
+    return dict(shape=list(shape), dtype=str(dtype).replace('torch.', ''), fastai_ms=ms['fastai'], ours_ms=ms['ours'],
+                clone_ms=ms['clone'], speedup=ms['fastai'] / ms['ours'], ours_per_clone=ms['ours'] / ms['clone'],
                 fastai_saved_bytes=saved_bytes(fastai_penalty, raw, dropped),
                 ours_saved_bytes=saved_bytes(our_penalty, raw, dropped))
 
 
+def compiled_columns(
+    row: dict,  # a `bench_row` result, whose shape and dtype are compiled for
+    repeats: int = 20,
+    device='cpu',
+    seed: int = 0,
+) -> dict:
+    "`row` with the median milliseconds of fastai's expressions under `torch.compile` and the seconds of the compile"
+    device = torch.device(device)
+    raw, dropped = _inputs(tuple(row['shape']), DTYPES[row['dtype']], device, seed)
+    compiled, compile_s = compile_naive(raw, dropped, device)
+    if compiled is None:
+        return dict(row, compiled_ms=None, ours_per_compiled=None, compile_s=None, compile_error=compile_s)
+    ms = _medians({'compiled': lambda: _time_grad(compiled, raw, dropped, device)}, repeats)['compiled']
+    return dict(row, compiled_ms=ms, ours_per_compiled=row['ours_ms'] / ms, compile_s=compile_s, compile_error=None)
+
+
 def bench_table(shapes=SHAPES, dtypes=('float32', 'bfloat16'), repeats: int = 20, device='cpu') -> list[dict]:
-    "`bench_row` for every shape and dtype"
-    return [bench_row(tuple(s), DTYPES[d], repeats, device) for d in dtypes for s in shapes]
+    "`bench_row` for every shape and dtype, then its compiled column"
+    rows = [bench_row(tuple(s), DTYPES[d], repeats, device) for d in dtypes for s in shapes]
+    # Compiled kernels run on an OpenMP thread pool whose idle threads keep spinning: timed in turns with the eager
+    # columns on 2 cores, they made ours 5-10x slower. So every compiled column is timed after all the eager ones.
+    return [compiled_columns(r, repeats, device) for r in rows]
 
 
 def _bytes(n: int) -> str:
