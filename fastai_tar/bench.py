@@ -13,6 +13,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,10 +87,14 @@ def _time_clone(h, device) -> float:
 def compile_naive(raw, dropped, device, backend=None) -> tuple:
     """`torch.compile` of fastai's expressions, compiled for these tensors by a first forward+backward call, and
     that call's seconds; or None and why it failed (no C++ compiler, a Python the compiler does not support)"""
-    torch.compiler.reset()  # each row compiles afresh: its time is a first compile, not a cache hit or a recompile
+    torch.compiler.reset()  # each row compiles afresh: its time is a first compile, not a recompile
     try:
         fn = torch.compile(fastai_penalty, backend=backend or COMPILE_BACKEND, dynamic=False)
-        return fn, _time_grad(fn, raw, dropped, device)
+        # nor a hit in inductor's on-disk caches, which an earlier bench filled (then a compile takes ~0.1 s)
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(force_disable_caches=True), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # "dynamo_pgo force disabled by ... force_disable_caches"
+            return fn, _time_grad(fn, raw, dropped, device)
     except Exception as e:  # the bench reports a compiler that cannot run here and goes on with the other columns
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]  # dynamo's first line names the backend only
         return None, f'{type(e).__name__}: ' + ' '.join(lines[:2])[:300]
