@@ -69,7 +69,7 @@ def _pair_mask(mask: Tensor, seq_dim: int) -> Tensor:
     return mask.narrow(seq_dim, 0, n) & mask.narrow(seq_dim, 1, n)
 
 
-def _ar_count(h, mask, seq_dim=None):
+def _ar_count(h, mask, seq_dim=None):  # (seq_dim unused: the signature of `_tar_count`)
     return h.numel() if mask is None else mask.sum() * h.shape[-1]
 
 
