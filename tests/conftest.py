@@ -7,7 +7,6 @@ import weakref
 from functools import cache, partial
 
 import numpy as np
-
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -30,6 +29,20 @@ def one_thread():
 
 
 # --- global torch state: no test may leave it behind -------------------------------------------------------------
+def _autocast_nesting():
+    "How many autocast contexts are open (torch has no getter: one level up and back down)."
+    n = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return n
+
+
+def _set_autocast_nesting(n):
+    now = _autocast_nesting()
+    for _ in range(now - n): torch.autocast_decrement_nesting()
+    for _ in range(n - now): torch.autocast_increment_nesting()
+    if n == 0: torch.clear_autocast_cache()  # what leaving the outermost autocast does
+
+
 # (name, read, write) of each process-wide setting a test could change and forget. A test that raised inside
 # fastai's MixedPrecision once left CPU autocast on, and every later LSTM of the session ran in bf16.
 TORCH_STATE = [
@@ -39,7 +52,7 @@ TORCH_STATE = [
       for d in ('cpu', 'cuda')],
     ('autocast cache', torch.is_autocast_cache_enabled, torch.set_autocast_cache_enabled),
     # an autocast entered and never left also stays counted: its weight cache would then never be cleared
-    ('autocast nesting', lambda: _autocast_nesting(), lambda n: _set_autocast_nesting(n)),
+    ('autocast nesting', _autocast_nesting, _set_autocast_nesting),
     ('default dtype', torch.get_default_dtype, torch.set_default_dtype),
     ('grad mode', torch.is_grad_enabled, torch.set_grad_enabled),
     ('anomaly detection', torch.is_anomaly_enabled, torch.set_anomaly_enabled),
@@ -54,20 +67,6 @@ TORCH_STATE = [
     ('float32 matmul precision', torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
     ('num threads', torch.get_num_threads, torch.set_num_threads),
 ]
-
-
-def _autocast_nesting():
-    "How many autocast contexts are open (torch has no getter: one level up and back down)."
-    n = torch.autocast_increment_nesting() - 1
-    torch.autocast_decrement_nesting()
-    return n
-
-
-def _set_autocast_nesting(n):
-    now = _autocast_nesting()
-    for _ in range(now - n): torch.autocast_decrement_nesting()
-    for _ in range(n - now): torch.autocast_increment_nesting()
-    if n == 0: torch.clear_autocast_cache()  # what leaving the outermost autocast does
 
 
 def torch_state() -> dict:
