@@ -173,9 +173,9 @@ def _caveat(s: dict) -> str | None:
     full = PRESETS['default']
     if s['max_chars'] is None and s['epochs'] >= full['epochs']: return None
     size = f"a tiny model on at most {s['max_chars']:,} characters, " if s['max_chars'] is not None else ''
-    return (f"Note: {size}{s['epochs']} epoch(s): a check that everything works, too small or too short for "
-            "AR/TAR's effect to show;\nthe regularized run may come out worse in perplexity or even in valid_tar. "
-            f"The default run ({full['epochs']} epochs on the whole corpus) shows it.")
+    return (f"Note: {size}{s['epochs']} epoch(s): a check that everything works. A run this small or short does not "
+            f"show what the default one ({full['epochs']} epochs on the whole corpus) shows:\nthe regularized run may "
+            "have a worse perplexity than the baseline and, after very few epochs, even a larger valid_tar.")
 
 
 def _first_missing(path: Path) -> Path | None:
