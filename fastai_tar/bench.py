@@ -281,8 +281,8 @@ def _caveats(rows: list[dict], repeats: int) -> list[str]:
     notes = []
     small = ['x'.join(map(str, r['shape'])) for r in rows if math.prod(r['shape']) < SMALL_NUMEL]
     if small:
-        notes.append(f"Note: {', '.join(dict.fromkeys(small))} hold fewer than {SMALL_NUMEL:,} elements: their times are "
-                     "mostly per-call overhead (Python, autograd, kernel launches), so speed-ups there, below 1x "
+        notes.append(f"Note: {', '.join(dict.fromkeys(small))} hold fewer than {SMALL_NUMEL:,} elements: their times "
+                     "are mostly per-call overhead (Python, autograd, kernel launches), so speed-ups there, below 1x "
                      "too, say nothing about real activations; the default shapes measure those.")
     if repeats < 10: notes.append(f"Note: {repeats} repeat(s): medians of so few are noisy; the default is 20.")
     return notes

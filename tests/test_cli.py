@@ -148,14 +148,21 @@ def test_ctrl_c_during_demo_one_line_130_and_removes_what_it_created(tmp_path, s
     assert list((tmp_path / 'kept').iterdir()) == []  # the folder that was there stays
 
 
-def test_ctrl_c_during_demo_keeps_someone_elses_folder(tmp_path, small_corpus):
-    out = tmp_path / 'out'
-    out.mkdir()
-    (out / 'notes.txt').write_text('mine')
-    proc = _start(['demo', '--quick', '--corpus', str(small_corpus), '--out', str(out)], tmp_path)
-    _, err = _interrupt_after(proc, '== baseline')
-    assert proc.returncode == 130 and err == f'fastai-tar demo: interrupted: no results written to {out}\n'
+def test_interrupted_demo_removes_only_what_it_made(tmp_path):
+    "What `run` calls on Ctrl-C: its own files go, folders it made go unless someone else's files are in them"
+    out = tmp_path / 'made' / 'out'
+    assert demo._first_missing(out) == tmp_path / 'made' and demo._first_missing(tmp_path) is None
+    out.mkdir(parents=True)
+    (out / 'results.csv').write_text('half')
+    assert demo._remove_created([out / 'results.csv', out / 'results.json'], tmp_path / 'made', out) == \
+        f"no results written (removed {tmp_path / 'made'}, which it had created)"
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir(parents=True)
+    (out / 'notes.txt').write_text('mine')  # put there by the user while the demo ran
+    assert demo._remove_created([], tmp_path / 'made', out) == f'no results written; {out} kept (it holds other files)'
     assert [p.name for p in out.iterdir()] == ['notes.txt']
+    assert demo._remove_created([], None, out) == f'no results written to {out}'  # a folder that was there before
+    assert (out / 'notes.txt').exists()
 
 
 def test_ctrl_c_during_bench(tmp_path):

@@ -1,12 +1,12 @@
 """README.md runs as written, offline: every ```python block, top to bottom, in one namespace (a reader pasting
-them into one Python session), at a tiny size.
+them into one Python session), at a tiny size, with the network refused.
 
-Every block runs unless marked: an HTML comment on the line before its fence,
-`<!-- readme-test: no-launcher -->`, says the block is a script for a launcher (`accelerate launch`); it then
-runs in this one process, where fastai's `distrib_ctx` only yields the learner (what it does in a process that no
-launcher started), with accelerate if it is installed (`fastai_tar[distributed]`), else with a stand-in for the
-one name `fastai.distributed` reads from it at import. The tiny size changes data and model sizes, never the text: the Python documentation corpus
-is cut to every 12th document and fastai's AWD-LSTM configs to a few hundred units."""
+A block that is a script for a launcher (`accelerate launch`) is marked by an HTML comment on the line before its
+fence, `<!-- readme-test: no-launcher -->`: it runs in this one process, where fastai's `distrib_ctx` only yields
+the learner (what it does in a process no launcher started), with accelerate if it is installed
+(`fastai_tar[distributed]`), else with a stand-in for the one name `fastai.distributed` reads from it at import.
+The tiny size changes data and model sizes, never the text: the Python documentation corpus is cut to every 12th
+document, fastai's AWD-LSTM configs to a few dozen units."""
 import contextlib
 import re
 import socket
