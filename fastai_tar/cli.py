@@ -115,6 +115,7 @@ def main(argv=None) -> int:
         print(f"fastai-tar {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C: a line, not a traceback; 130 is the shells' status for SIGINT
+        if sys.stdout.isatty(): print(flush=True)  # below a progress bar cut short, not over it
         print(f"fastai-tar {args.command}: interrupted" + (f": {e}" if str(e) else ''), file=sys.stderr)
         return 130
 
