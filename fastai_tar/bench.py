@@ -288,6 +288,10 @@ def _caveats(rows: list[dict], repeats: int) -> list[str]:
     return notes
 
 
+HISTORY_BATCHES = {'default': 2000, 'quick': 200}  # `--history`: training batches of the measured fit
+HISTORY_FRAME_ROWS = 1_000_000
+
+
 def run(args) -> int:
     quick = args.quick
     repeats = args.repeats if args.repeats is not None else (3 if quick else 20)
@@ -306,7 +310,13 @@ def run(args) -> int:
     if args.threads is not None: torch.set_num_threads(args.threads)
     env = _environment(device)
     print(f"fastai-tar bench: torch {env['torch']}, {env['device']} ({env['cpu']}), threads={env['threads']}")
-    if args.train:
+    if args.history:
+        from .bench_history import format_history, frame_seconds, history_cost
+        res = history_cost(HISTORY_BATCHES['quick' if quick else 'default'])
+        res['frame_rows'], res['frame_s'] = HISTORY_FRAME_ROWS, frame_seconds(HISTORY_FRAME_ROWS)
+        print(format_history(res))
+        out = dict(environment=env, history=res)
+    elif args.train:
         preset = dict(TRAIN_PRESETS['quick' if quick else 'default'])
         if args.epochs is not None: preset['epochs'] = args.epochs
         res = train_epochs(**preset, device=device)

@@ -58,11 +58,11 @@ def frame_seconds(
     return time.perf_counter() - start
 
 
-def format_history(res: dict, rows: int, seconds: float) -> str:
+def format_history(res: dict) -> str:
     "The history's cost as a Markdown table"
     return '\n'.join([
         f"history of a {res['batches']}-batch fit with TARCallback() ({res['terms']} terms: AR and TAR)", '',
         '| measure | value |', '|---|---:|',
         f"| bytes per batch (row items) | {res['item_bytes_per_batch']:.1f} |",
         f"| bytes per batch (held, with the arrays' spare capacity) | {res['held_bytes_per_batch']:.1f} |",
-        f"| seconds to build learn.tar.history of {rows:,} rows | {seconds:.3f} |"])
+        f"| seconds to build learn.tar.history of {res['frame_rows']:,} rows | {res['frame_s']:.3f} |"])

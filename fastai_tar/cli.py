@@ -76,6 +76,8 @@ def _bench_arguments(parser):
     parser.add_argument('--device', help="'cpu' or 'cuda' (default: cuda when available)")
     parser.add_argument('--train', action='store_true', help='time AWD-LSTM LM epochs with and without TARCallback '
                         'instead of the penalties alone (--quick: a tiny model)')
+    parser.add_argument('--history', action='store_true', help="measure learn.tar.history instead: bytes per "
+                        "training batch over a long fit, and seconds to build 1M rows (--quick: 200 batches)")
     parser.add_argument('--epochs', type=int, help='--train: timed epochs per variant (default: 6; --quick: 2)')
     parser.add_argument('--threads', type=int, help='torch intra-op threads (default: torch\'s, one per core)')
     parser.add_argument('--json', metavar='PATH', help='also write the figures to this JSON file')
