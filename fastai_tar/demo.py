@@ -4,8 +4,9 @@ With no arguments the text is the Python documentation corpus built from this Py
 (`fastai_tar.corpus`); every run starts from the same seed on the same batches, so the runs differ
 only in alpha and beta. The table gives each run's validation loss, perplexity and smoothness:
 the unweighted TAR of the validation activations (`valid_tar`, lower is smoother). A plot and the
-table as JSON and CSV are written to --out. The default run takes about 2.5 minutes on 2 CPU cores,
---quick about 10 seconds.
+table as JSON and CSV are written to --out. The default run takes 2.5 to 5 minutes on 2 otherwise idle
+CPU cores (2-core AMD EPYC VMs with and without AVX-512), longer when other jobs share them; --quick
+takes 10 to 30 seconds.
 """
 import copy
 import json
