@@ -6,16 +6,17 @@ from functools import partial
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.hook import Hook
-from fastai.callback.rnn import RNNRegularizer
+from fastai.callback.rnn import RNNCallback, RNNRegularizer
 from fastai.callback.training import GradientAccumulation
-from fastai.text.models.core import SequentialRNN
-from fastcore.basics import store_attr
+from fastai.text.models.core import SentenceEncoder
+from fastcore.basics import PrettyString, store_attr
 
 from .columns import PenaltyColumn, column_layout
+from .contract import OutputTarget, check_loss_input, output_sums, output_targets, read_contract, reads_output
 from .functional import ar_sum_count, mean_of, tar_sum_count
 from .history import history_frame, plot_history, rows_to_cpu
 from .schedule import check_coef, coef_at, describe_coef
-from .targets import COEF_ARG, find_targets, read_output, unwrap_model
+from .targets import COEF_ARG, find_targets, read_output
 
 __all__ = ['TARCallback']
 
@@ -39,12 +40,18 @@ class TARCallback(Callback):
         seq_dim: int = 1,  # time axis of custom modules' outputs (`nn.RNN`s' own `batch_first` is read)
         valid_metrics: bool = False,  # also report unweighted AR/TAR of the validation activations (`valid_tar`)
         show_columns: bool = True,  # add the epoch means of the weighted terms to the fit table (`train_tar`)
+        contract: bool | None = None,  # fastai's (logits, raw, dropped) output: None recognises it, True reads any
+                                       # 3-tuple as it, False leaves tuples to the loss (`fastai_tar.contract`)
     ):
         check_coef(alpha, 'alpha'); check_coef(beta, 'beta')
         for spec, coef_arg in ((modules, 'beta'), (ar_modules, 'alpha')):
             if isinstance(spec, dict): check_coef(spec, coef_arg)
+        if contract not in (None, True, False):
+            raise TypeError(f"contract takes None (recognise fastai's (logits, raw, dropped)), True or False, got "
+                            f"{contract!r}")
         store_attr()
-        self.targets, self._silenced, self._warned = [], [], False
+        self.targets, self._silenced, self._warned, self._warned_places = [], [], False, False
+        self._reads_output = None  # from the model's (logits, raw, dropped): unknown until a fit's first forward
         self._init_state()
 
     def _init_state(self):
@@ -77,12 +84,23 @@ class TARCallback(Callback):
         self._drop_columns()  # a fit that raised never reached after_fit: drop the columns it left
         # `learn.validate()` and `get_preds()` send before_fit/after_fit too: they must keep the last fit's history.
         if self._in_validation_context(): return
-        self.targets = self._find()
-        # A zero coefficient adds nothing, so its module is hooked only for the validation metrics.
-        self._train_targets = [t for t in self.targets if callable(t.coef) or t.coef != 0]
+        # With no module named, a model returning (logits, raw, dropped) is read there: known at the first forward.
+        self._reads_output = None if self.modules is None and self.ar_modules is None and self.contract is not False \
+            else False
+        self._no_places = None
+        try: self._use(self._find())
+        except ValueError as e:  # nothing to hook, but the model may return the contract: the first forward says
+            if self._reads_output is False: raise
+            self._no_places = e
+            self._use(output_targets(self.alpha, self.beta, 1, False))
         self._rows = []
         self._silence_fastai_regularizer()
         self._add_columns()
+
+    def _use(self, targets):
+        self.targets = targets
+        # A zero coefficient adds nothing, so its module is hooked only for the validation metrics.
+        self._train_targets = [t for t in self.targets if callable(t.coef) or t.coef != 0]
 
     def after_fit(self):
         self._remove_hooks()
@@ -139,7 +157,7 @@ class TARCallback(Callback):
 
     def before_batch(self):
         self._clear_batch()
-        targets = self._capture_now()
+        targets = [t for t in self._capture_now() if not isinstance(t, OutputTarget)]  # those are read in after_pred
         if not targets: return
         by_module = {}
         for t in targets: by_module.setdefault(t.module, []).append(t)
@@ -174,9 +192,43 @@ class TARCallback(Callback):
 
     # --- the penalty ---------------------------------------------------------------------------------
     def after_pred(self):
-        pred = self.learn.pred
-        if isinstance(pred, tuple) and len(pred) == 3 and isinstance(unwrap_model(self.learn.model), SequentialRNN):
-            self.learn.pred = pred[0]  # fastai text models return (logits, raw, dropped): the loss sees the logits
+        found = self._read_contract()
+        if found is None: check_loss_input(self.learn.pred, self.learn.loss_func, self.contract)
+        else: self.learn.pred = found.logits  # the loss sees the logits, as with fastai's RNNCallback
+        if self._reads_output is None and not self._in_validation_context(): self._choose_places(found)
+        if not self._reads_output: return
+        if found is None:
+            raise TypeError("TARCallback read AR/TAR from the model's (logits, raw, dropped) at the first batch, but "
+                            f"now the model returned something else; pass modules= / ar_modules= to hook modules")
+        for t in self._capture_now(): self._stats[t] = output_sums(t, found)
+
+    def _read_contract(self):
+        "The batch's (logits, raw, dropped); fastai's RNNCallback, if kept, has already split it (last layer only)."
+        if self.contract is False: return None
+        rnn = next((cb for cb in self.learn.cbs if isinstance(cb, RNNCallback)), None)
+        pred = self.learn.pred if rnn is None else (self.learn.pred, rnn.raw_out, rnn.out)
+        return read_contract(pred, force=self.contract is True)
+
+    def _choose_places(self, found):
+        "At a fit's first forward: read the contract (no hooks from then on), or keep the hooked places."
+        self._reads_output = found is not None and reads_output(self.learn.model, found, self.all_layers,
+                                                                self.contract is True)
+        if self._reads_output:
+            self._use(output_targets(self.alpha, self.beta, len(found.raw), self.all_layers))
+            self._clear_batch()  # the sums of this batch's hooks
+        elif self._no_places is not None: raise self._no_places
+        self._warn_if_places_differ()
+
+    def _warn_if_places_differ(self):
+        "The RNNRegularizer switched off would have read the last layer's dropped (AR) and raw (TAR) outputs."
+        if not self._silenced or self._warned_places: return
+        same = all(isinstance(t, OutputTarget) and t.name in ('raw', 'dropped') or isinstance(t.module, SentenceEncoder)
+                   for t in self.targets)
+        if same: return
+        warnings.warn("TARCallback regularizes " + '; '.join(map(repr, self.targets)) + ", where the RNNRegularizer "
+                      "it switches off would have used AR on the last layer's dropped output (output[2]) and TAR on its "
+                      "raw output (output[1]): because of modules=, ar_modules= or all_layers=True", stacklevel=2)
+        self._warned_places = True
 
     def after_loss(self):
         if not self.training: return
@@ -234,6 +286,25 @@ class TARCallback(Callback):
     def plot(self, ax=None):
         "Plot the loss and the weighted AR/TAR terms of the last fit against iterations; returns the figure"
         return plot_history(self.history, ax)
+
+    @property
+    def places(self) -> str:
+        "Where AR and TAR read, one line per term; between fits with no module named, as the model's output decides"
+        if self.learn is None: return PrettyString("found when attached to a learner")
+        if self._reads_output is not None: targets = self.targets
+        else:
+            try: targets = self._find()
+            except ValueError as e: targets, hooked = [], f"  nothing: {e}"
+        lines = [f"  {t!r}" for t in targets] or [hooked]
+        if self._reads_output is None and self.modules is None and self.ar_modules is None and self.contract is not False \
+                and not any(isinstance(t.module, SentenceEncoder) for t in targets):
+            some = f"{'every layer of ' if self.all_layers else ''}"
+            lines = ["if the model's forward returns fastai's (logits, raw, dropped)"
+                     f"{' with per-layer lists' if self.all_layers else ''}:",
+                     f"  AR  {some}dropped (output[2]): alpha={describe_coef(self.alpha)}",
+                     f"  TAR {some}raw (output[1]): beta={describe_coef(self.beta)}",
+                     "otherwise, found from the model's structure:"] + lines
+        return PrettyString('\n'.join(line.strip() if len(lines) == len(targets) else line for line in lines))
 
     def __repr__(self):
         head = f"TARCallback(alpha={describe_coef(self.alpha)}, beta={describe_coef(self.beta)}"

@@ -14,6 +14,7 @@ from fastai.text.all import (CrossEntropyLossFlat, CSVLogger, Learner, ModelRese
 from fastprogress.fastprogress import ConsoleMasterBar
 from matplotlib.figure import Figure
 
+import fastai_tar.callback
 from fastai_tar import TARCallback
 from conftest import (VOCAB, AliveAfterBatch, Boom, Capture, LossSpy, hook_ids, lm_dls, penalty, quiet_fit, ref_ar,
                       ref_penalty, ref_tar, tiny_lm)
@@ -223,20 +224,21 @@ def test_valid_metrics_keep_no_activation_after_each_batch():
     assert probe.alive == [0] * (N_BATCHES + N_VALID_BATCHES)
 
 
-def test_valid_metrics_not_computed_in_get_preds_or_validate():
+def test_valid_metrics_not_computed_in_get_preds_or_validate(monkeypatch):
     tar = TARCallback(valid_metrics=True)
     learn = tiny_learner(tar)
-    seen = []  # (training, how many forward hooks the encoder carries) at each forward
-    learn.model[0].register_forward_hook(lambda m, i, o: seen.append((m.training, len(m._forward_hooks))))
+    # The LM returns (logits, raw, dropped): the callback reads the terms there (no hook), through `output_sums`.
+    seen, output_sums = [], fastai_tar.callback.output_sums
+    monkeypatch.setattr(fastai_tar.callback, 'output_sums', lambda t, c: seen.append(learn.training) or output_sums(t, c))
     quiet_fit(learn)
-    assert set(seen) == {(True, 2), (False, 2)}  # TARCallback's hook next to ours: in training and validation
+    assert set(seen) == {True, False}  # computed in training and validation
     seen.clear()
     with learn.no_bar():
         preds, _ = learn.get_preds()
         learn.validate()
         learn.get_preds(inner=True)
     assert preds.shape == (N_VALID, SL, VOCAB)
-    assert seen and set(seen) == {(False, 1)}  # only ours: nothing hooked, nothing computed
+    assert seen == [] and hook_ids(learn.model) == set()  # nothing hooked, nothing computed
 
 
 # --- history and plot -------------------------------------------------------------------------------------------
@@ -377,9 +379,9 @@ def test_repr_says_what_is_hooked_and_with_which_coefficients():
     assert repr(learn.tar) == ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0))\n"
                                "  AR  1.output_dp (RNNDropout): alpha=2.0\n"
                                "  TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0)")
-    quiet_fit(learn)
-    assert repr(learn.tar).splitlines()[1:] == ["  AR  1.output_dp (RNNDropout): alpha=2.0",
-                                                "  TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0)"]
+    quiet_fit(learn)  # the LM returns (logits, raw, dropped): the fit read the terms there, not through hooks
+    assert repr(learn.tar).splitlines()[1:] == ["  AR  dropped (output[2]): alpha=2.0",
+                                                "  TAR raw (output[1]): beta=SchedLin(0.0, 1.0)"]
 
 
 def test_repr_of_several_layers_and_a_term_that_is_off():
