@@ -95,6 +95,7 @@ class TARCallback(Callback):
             self._use(output_targets(self.alpha, self.beta, 1, False))
         self._rows = []
         self._silence_fastai_regularizer()
+        if self._reads_output is False: self._warn_if_places_differ()
         self._add_columns()
 
     def _use(self, targets):
