@@ -290,22 +290,21 @@ class TARCallback(Callback):
 
     @property
     def places(self) -> str:
-        "Where AR and TAR read, one line per term; between fits with no module named, as the model's output decides"
+        "Where AR and TAR read, one term a line; before a fit's first forward with no module named, both candidates"
         if self.learn is None: return PrettyString("found when attached to a learner")
-        if self._reads_output is not None: targets = self.targets
-        else:
-            try: targets = self._find()
-            except ValueError as e: targets, hooked = [], f"  nothing: {e}"
-        lines = [f"  {t!r}" for t in targets] or [hooked]
-        if self._reads_output is None and self.modules is None and self.ar_modules is None and self.contract is not False \
-                and not any(isinstance(t.module, SentenceEncoder) for t in targets):
-            some = f"{'every layer of ' if self.all_layers else ''}"
-            lines = ["if the model's forward returns fastai's (logits, raw, dropped)"
+        try: found = self.targets if self._reads_output is not None else self._find()
+        except ValueError as e: found, nothing = [], e
+        lines = [repr(t) for t in found] or [f"nothing: {nothing}"]
+        undecided = self._reads_output is None and self.modules is None and self.ar_modules is None
+        if undecided and (self.contract or self.contract is None and
+                          not any(isinstance(t.module, SentenceEncoder) for t in found)):
+            every = 'every layer of ' if self.all_layers else ''
+            lines = [f"if the model's forward returns fastai's (logits, raw, dropped)"
                      f"{' with per-layer lists' if self.all_layers else ''}:",
-                     f"  AR  {some}dropped (output[2]): alpha={describe_coef(self.alpha)}",
-                     f"  TAR {some}raw (output[1]): beta={describe_coef(self.beta)}",
-                     "otherwise, found from the model's structure:"] + lines
-        return PrettyString('\n'.join(line.strip() if len(lines) == len(targets) else line for line in lines))
+                     f"  AR  {every}dropped (output[2]): alpha={describe_coef(self.alpha)}",
+                     f"  TAR {every}raw (output[1]): beta={describe_coef(self.beta)}",
+                     "otherwise, found from the model's structure:"] + [f"  {line}" for line in lines]
+        return PrettyString('\n'.join(lines))
 
     def __repr__(self):
         head = f"TARCallback(alpha={describe_coef(self.alpha)}, beta={describe_coef(self.beta)}"
