@@ -200,7 +200,7 @@ class TARCallback(Callback):
         if not self._reads_output: return
         if found is None:
             raise TypeError("TARCallback read AR/TAR from the model's (logits, raw, dropped) at the first batch, but "
-                            f"now the model returned something else; pass modules= / ar_modules= to hook modules")
+                            "now the model returned something else; pass modules= / ar_modules= to hook modules")
         for t in self._capture_now(): self._stats[t] = output_sums(t, found)
 
     def _read_contract(self):

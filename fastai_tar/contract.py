@@ -52,16 +52,16 @@ def _describe(x) -> str:
 
 def _why_not(pred, strict: bool) -> str | None:
     "Why `pred` is not the contract; None when it is. `strict`: the recognition rule, else the forced reading."
-    if not isinstance(pred, (tuple, list)) or len(pred) != 3:
-        return f"it is a {_describe(pred)}, not a tuple of three"
+    if not isinstance(pred, (tuple, list)): return f"it is a {_describe(pred)}, not a tuple of three"
+    if len(pred) != 3: return f"it has {len(pred)} items, not three"
     logits, raw, dropped = pred
-    if not isinstance(logits, Tensor) or (strict and not logits.is_floating_point()):
+    if not isinstance(logits, Tensor) or logits.dim() == 0 or (strict and not logits.is_floating_point()):
         return f"its first item (the logits) is a {_describe(logits)}"
     raws, drops, min_dim = _layers(raw), _layers(dropped), 3 if strict else 2
-    for name, x, xs in (('raw', raw, raws), ('dropped', dropped, drops)):
+    for i, name, x, xs in ((1, 'raw', raw, raws), (2, 'dropped', dropped, drops)):
         if xs is None or not all(t.is_floating_point() and t.dim() >= min_dim for t in xs):
-            return f"{name} (item 1 for raw, 2 for dropped) is a {_describe(x)}, not a float tensor of at least " \
-                   f"{min_dim} dims or a list of them"
+            return f"item {i} ({name}) is a {_describe(x)}, not a float tensor of at least {min_dim} dims or a list " \
+                   "of them"
     if len(raws) != len(drops): return f"raw has {len(raws)} layers and dropped {len(drops)}"
     if not strict: return None
     for i, (r, d) in enumerate(zip(raws, drops)):

@@ -1,8 +1,10 @@
 """Which modules AR and TAR read, and how their outputs become `(activations, mask, seq_dim)`.
 
-For fastai's text models the places are known: the AWD-LSTM encoder's raw output (TAR) and the
-language model decoder's output dropout (AR), or the `SentenceEncoder` of a classifier, whose
-output carries the padding mask. For any other model the last `nn.RNNBase` is used.
+Where no module is named and the model returns fastai's `(logits, raw, dropped)`, `TARCallback` reads that
+output instead (`fastai_tar.contract`); the places here are the rest. For fastai's text models they are known:
+the AWD-LSTM encoder's raw output (TAR) and the language model decoder's output dropout (AR), or the
+`SentenceEncoder` of a classifier, whose output carries the padding mask. For any other model the last
+`nn.RNNBase` is used for both TAR and AR: AR then reads the raw RNN output, not a dropped one.
 """
 from dataclasses import dataclass
 from typing import Any

@@ -78,6 +78,8 @@ def test_book_lmmodel7_plain_learner_matches_rnn_callback_and_regularizer(dls):
     assert_same_training(ours, fastai)
     assert ours[2] == [] and hook_ids(learn.model) == set()
     assert learn.tar.places == "AR  dropped (output[2]): alpha=2.0\nTAR raw (output[1]): beta=1.0"
+    with learn.no_bar(): preds, _ = learn.get_preds()  # predictions are the logits too
+    assert preds.shape == (len(dls.valid) * BS, SL, len(dls.vocab))
 
 
 def test_book_lmmodel7_text_learner_matches_fastai(dls):
@@ -258,7 +260,7 @@ def test_recognised_as_the_contract(pred, layers):
     (t(B, T, V), [t(B, T, H)] * 2, [t(B, T, H)]),  # lists of different lengths
     (t(B, T, V), t(B, T, H, dtype=torch.long), t(B, T, H)),  # not floating point
     (t(B, T, V, dtype=torch.long), t(B, T, H), t(B, T, H)),
-    (t(B, T, V), None, t(B, T, H)), (t(B, T, V), [], []), 'text', t(B, T, V),
+    (t(B, T, V), None, t(B, T, H)), (t(B, T, V), [], []), 'text', t(B, T, V), (t(), t(B, T, H), t(B, T, H)),
 ])
 def test_not_recognised(pred):
     assert read_contract(pred) is None
@@ -266,7 +268,7 @@ def test_not_recognised(pred):
 
 def test_contract_true_reads_any_three_tensors_and_says_why_not():
     assert read_contract((t(B, V), t(B, H), t(B, H)), force=True) is not None  # 2-D raw: TAR along dim 1
-    with pytest.raises(TypeError, match=r"contract=True.*tuple of 2"): read_contract((t(B, V), t(B, H)), force=True)
+    with pytest.raises(TypeError, match=r"contract=True.*2 items"): read_contract((t(B, V), t(B, H)), force=True)
     with pytest.raises(TypeError, match=r"contract takes None .* got 'yes'"): TARCallback(contract='yes')
 
 
@@ -279,8 +281,8 @@ class PairLM(PlainLM):
 
 def test_a_tuple_reaching_a_tensor_loss_is_our_error_not_an_attribute_error(dls):
     learn = Learner(dls, PairLM(len(dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
-    with pytest.raises(TupleLossError, match=r"tuple of 2 .* reach the loss CrossEntropyLossFlat.*tuple of three.*"
-                                             r"Return only the logits"):
+    with pytest.raises(TupleLossError, match=r"tuple of 2 .* reach the loss CrossEntropyLossFlat.*it has 2 items, not "
+                                             r"three\. Return only the logits"):
         quiet_fit(learn)
     learn = Learner(dls, lmmodel7(dls), loss_func=nn.CrossEntropyLoss(), cbs=[ModelResetter(), TARCallback(contract=False)])
     with pytest.raises(TupleLossError, match=r"CrossEntropyLoss.*TARCallback\(contract=False\) leaves tuples to the loss"):
