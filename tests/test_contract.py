@@ -98,6 +98,14 @@ def test_book_lmmodel7_with_fastai_rnn_callback_kept(dls):
     assert_same_training(ours, fastai)
 
 
+def test_book_lmmodel7_with_named_modules_matches_fastai(dls):
+    "The issue's third case (it crashed too): modules named, the tuple is still stripped; hooks read the same tensors."
+    fastai = train(Learner(dls, lmmodel7(dls), loss_func=CrossEntropyLossFlat(), cbs=rnn_cbs(2., 1.)), n_epoch=2)
+    ours = train(Learner(dls, lmmodel7(dls), loss_func=CrossEntropyLossFlat(),
+                         cbs=[ModelResetter(), TARCallback(2., 1., modules='rnn', ar_modules='drop')]), n_epoch=2)
+    assert_same_training(ours, fastai)
+
+
 # --- fastai's own AWD-LSTM language model --------------------------------------------------------------------------
 def awd_lm(dls, seed=0):
     torch.manual_seed(seed)
