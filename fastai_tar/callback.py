@@ -14,7 +14,7 @@ from fastcore.basics import PrettyString, store_attr
 from .columns import PenaltyColumn, column_layout
 from .contract import OutputTarget, check_loss_input, output_sums, output_targets, read_contract, reads_output
 from .functional import ar_sum_count, mean_of, tar_sum_count
-from .history import history_frame, plot_history, rows_to_cpu
+from .history import PenaltyHistory, plot_history
 from .schedule import check_coef, coef_at, describe_coef
 from .targets import COEF_ARG, find_targets, read_output
 
@@ -29,7 +29,7 @@ class TARCallback(Callback):
     # validation too: after_pred strips fastai's (logits, raw, dropped) tuple there as well.
     order, run_valid = GradientAccumulation.order - 1, True
     # Per-batch and per-fit state: not pickled by `learn.export()`, rebuilt by `_init_state`.
-    _stateattrs = ('_rows', '_stats', '_hooks', '_root_hook', '_lock', '_valid_sums', '_epoch_terms')
+    _stateattrs = ('_log', '_stats', '_hooks', '_root_hook', '_lock', '_valid_sums')
 
     def __init__(self,
         alpha=2.,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or one per AR module
@@ -55,7 +55,7 @@ class TARCallback(Callback):
         self._init_state()
 
     def _init_state(self):
-        self._rows, self._valid_sums, self._epoch_terms = [], {}, 0.
+        self._log, self._valid_sums, self._epoch_start = PenaltyHistory(0), {}, None
         self._hooks, self._root_hook = [], None
         self._lock = threading.Lock()  # nn.DataParallel runs the hooked replicas in threads
         self._clear_batch()
@@ -93,15 +93,17 @@ class TARCallback(Callback):
             if self._reads_output is False: raise
             self._no_places = e
             self._use(output_targets(self.alpha, self.beta, 1, False))
-        self._rows = []
+        self._epoch_start = None
         self._silence_fastai_regularizer()
         if self._reads_output is False: self._warn_if_places_differ()
         self._add_columns()
 
     def _use(self, targets):
+        "Regularize `targets` from now on: at `before_fit`, or at the fit's first forward, before any row is logged."
         self.targets = targets
         # A zero coefficient adds nothing, so its module is hooked only for the validation metrics.
         self._train_targets = [t for t in self.targets if callable(t.coef) or t.coef != 0]
+        self._log = PenaltyHistory(len(self.targets))
 
     def after_fit(self):
         self._remove_hooks()
@@ -249,20 +251,17 @@ class TARCallback(Callback):
         self._clear_batch()  # in training the sums hold the graph, and so the activations
 
     # --- what the penalty did: fit-table columns, history, plot ----------------------------------------
-    def before_train(self): self._epoch_terms, self._epoch_batches, self._epoch_start = 0., 0, len(self._rows)
+    def before_train(self): self._epoch_start = len(self._log)
 
-    def after_train(self):
-        # Once per epoch: a long fit keeps no per-batch tensor on the accelerator.
-        self._rows[self._epoch_start:] = rows_to_cpu(self._rows[self._epoch_start:])
+    def after_train(self): self._log.flush()  # one transfer per epoch: no per-batch tensor stays on the device
 
     def before_validate(self): self._valid_sums = {}
 
     def _record(self, weighted, coefs):
-        "One history row; the epoch's running sums for the fit table. No `.item()`: no device sync per batch."
+        "One history row, which also feeds the fit table's epoch means. No `.item()`: no device sync per batch."
         zero = self.learn.loss.new_zeros((), dtype=torch.float32)
         terms = torch.stack([weighted[t].detach().float() if t in weighted else zero for t in self.targets])
-        self._epoch_terms, self._epoch_batches = self._epoch_terms + terms, self._epoch_batches + 1
-        self._rows.append((self.train_iter, self.learn.loss.detach(), terms, coefs))
+        self._log.add(self.train_iter, self.learn.loss, terms, coefs)
 
     def _add_valid(self):
         for t, (s, n) in self._stats.items():
@@ -274,15 +273,15 @@ class TARCallback(Callback):
         if phase is None: phase = 'train' if self.training else 'valid'  # the Recorder logs both phases
         if phase == 'train':
             idx = [i for i, t in enumerate(self.targets) if t.kind == kind and t in self._train_targets]
-            if not idx or not getattr(self, '_epoch_batches', 0): return None
-            return (self._epoch_terms[idx].sum() / self._epoch_batches).item()
+            means = None if self._epoch_start is None else self._log.term_means(self._epoch_start)
+            return None if not idx or means is None else float(means[idx].sum())
         means = [mean_of(s, n) for t, (s, n) in getattr(self, '_valid_sums', {}).items() if t.kind == kind]
         return sum(means).item() if means else None
 
     @property
     def history(self):
         "A DataFrame with one row per training batch of the last fit: iter, loss, ar, tar, alpha, beta"
-        return history_frame(self._rows, self.targets)
+        return self._log.frame(self.targets)
 
     def plot(self, ax=None):
         "Plot the loss and the weighted AR/TAR terms of the last fit against iterations; returns the figure"

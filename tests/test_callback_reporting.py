@@ -262,6 +262,28 @@ def test_history_is_one_row_per_training_batch_of_the_last_fit_and_plots_headles
     assert buf.getvalue()[:4] == b'\x89PNG'
 
 
+def test_history_moves_to_the_host_once_per_epoch_and_keeps_one_buffer():
+    "No per-batch transfer and no tensor per batch: rows reach the host arrays only when a training epoch ends."
+    from fastai.callback.core import Callback
+
+    class Watch(Callback):
+        order = 100
+        def before_fit(self): self.seen = []
+        def after_batch(self):
+            if self.training:
+                log = self.learn.tar._log
+                self.seen.append((len(log.values), log._n_buf, id(log._buf)))
+    tar, watch = TARCallback(), Watch()
+    learn = tiny_learner(tar, cbs=[watch])
+    quiet_fit(learn, 2)
+    per_epoch = [watch.seen[:N_BATCHES], watch.seen[N_BATCHES:]]
+    assert [v for v, _, _ in per_epoch[0]] == [0] * N_BATCHES  # nothing on the host during the first epoch
+    assert [v for v, _, _ in per_epoch[1]] == [3 * N_BATCHES] * N_BATCHES  # loss, ar, tar of each first-epoch batch
+    assert [n for _, n, _ in watch.seen] == list(range(1, N_BATCHES + 1)) * 2
+    assert len({b for _, _, b in per_epoch[0]}) == 1  # one buffer per epoch, not a tensor per batch
+    assert len(tar.history) == 2 * N_BATCHES and tar._log._buf is None
+
+
 # --- schedules -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('kw', [
     dict(alpha=SchedLin(0, 2)),
