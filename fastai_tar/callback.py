@@ -152,6 +152,7 @@ class TARCallback(Callback):
         return self.targets if self.valid_metrics and not self._in_validation_context() else []
 
     def before_batch(self):
+        self._remove_hooks()  # a batch that a callback cancelled before after_pred left them
         self._clear_batch()
         targets = self._capture_now()
         if not targets: return

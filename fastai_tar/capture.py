@@ -7,11 +7,16 @@ files what its hooks saw under its output tensors, held weakly: the callback the
 became `learn.pred`, whatever other forwards callbacks ran in the same batch, and a forward nobody reads frees its
 activations with its output.
 """
+import sys
+
 import torch
+from fastai.learner import Learner
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ['Call', 'ForwardCapture']
+
+_ONE_BATCH = Learner.one_batch.__code__  # the frame of a fastai batch, whatever callbacks run in it
 
 
 class Call:
@@ -58,10 +63,10 @@ class ForwardCapture:
 
     def _root(self, model, args, *output):
         if not output:  # the pre-hook: a root forward starts
-            if self.current is not None:
-                # The last one never ended: a KeyboardInterrupt (torch runs always_call hooks for `Exception` only)
-                # left us armed outside fastai's loop. Disarm: this forward is nobody's training step.
-                return self.stop()
+            # Outside fastai's `one_batch` the hooks are left over from a fit that an exception or a Ctrl-C ended
+            # between before_batch and after_pred: no event of ours followed (fastai's `_with_events` has no
+            # `finally`, torch's always_call hooks run for `Exception` only). This forward is no training step.
+            if not _in_one_batch(): return self.stop()
             self.current = []
             return
         calls, self.current = self.current, None
@@ -76,6 +81,14 @@ class ForwardCapture:
         for t in _tensors(pred):
             if t in self.by_output: return self.by_output[t]
         return []
+
+
+def _in_one_batch() -> bool:
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code is _ONE_BATCH: return True
+        f = f.f_back
+    return False
 
 
 def _tensors(x):
