@@ -14,8 +14,8 @@ from .capture import ForwardCapture
 from .columns import PenaltyColumn, column_layout
 from .functional import ar_sum_count, mean_of, tar_sum_count
 from .history import history_frame, plot_history, rows_to_cpu
-from .schedule import check_coef, coef_at, describe_coef
-from .targets import COEF_ARG, check_modules, check_seq_dim, describe_modules, find_targets, read_output, unwrap_model
+from .schedule import coef_at, describe_coef
+from .targets import COEF_ARG, check_arguments, describe_modules, find_targets, read_output, unwrap_model
 
 __all__ = ['TARCallback']
 
@@ -31,26 +31,16 @@ class TARCallback(Callback):
     _stateattrs = ('_rows', '_stats', '_capture', '_groups', '_valid_sums', '_epoch_terms', '_columns')
 
     def __init__(self,
-        alpha: Any = 2.,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or a list, one per AR module
+        alpha: Any = 2.,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or a list
         beta: Any = 1.,  # TAR coefficient: a number >= 0, a schedule, or a list, one per TAR module
-        modules: Any = None,  # what TAR reads: None finds it; a module, a name from `named_modules()`, a list of them, or {module: beta}
-        ar_modules: Any = None,  # what AR reads: None is the fastai LM's output dropout (else `modules`); the same forms
+        modules: Any = None,  # what TAR reads: None finds it; module(s), `named_modules()` names, or {module: beta}
+        ar_modules: Any = None,  # what AR reads: None is the fastai LM's output dropout (else `modules`); same forms
         all_layers: bool = False,  # regularize every layer of a fastai `AWD_LSTM` (its `rnns`), not only the last
-        seq_dim: int | None = None,  # time axis of custom TAR modules' outputs (default 1); fastai's and `nn.RNN`s' are read
+        seq_dim: int | None = None,  # time axis of custom TAR modules' outputs (default 1); nn.RNN's is read
         valid_metrics: bool = False,  # also report unweighted AR/TAR of the validation activations (`valid_tar`)
         show_columns: bool = True,  # add the epoch means of the weighted terms to the fit table (`train_tar`)
     ):
-        for coef, arg, spec, spec_arg in ((alpha, 'alpha', ar_modules, 'ar_modules'), (beta, 'beta', modules, 'modules')):
-            if isinstance(coef, dict):
-                raise TypeError(f"{arg}={describe_coef(coef)}: coefficients per module go in {spec_arg}= as a dict, "
-                                f"{spec_arg}={describe_coef(coef)}; {arg} takes a number >= 0, a schedule, or a list")
-            check_coef(coef, arg)
-        check_modules(modules, 'modules', beta, 'beta')
-        if ar_modules is None: check_modules(modules, 'modules', alpha, 'alpha')  # AR reads `modules` then
-        else: check_modules(ar_modules, 'ar_modules', alpha, 'alpha')
-        for flag, value in (('all_layers', all_layers), ('valid_metrics', valid_metrics), ('show_columns', show_columns)):
-            if not isinstance(value, bool): raise TypeError(f"{flag} must be True or False, got {value!r}")
-        seq_dim = check_seq_dim(seq_dim)
+        seq_dim = check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, valid_metrics, show_columns)
         store_attr()
         self.targets, self._silenced, self._warned = [], [], False
         self._init_state()

@@ -16,8 +16,8 @@ from fastai.text.models.core import LinearDecoder, SentenceEncoder
 
 from .schedule import check_coef, describe_coef
 
-__all__ = ['COEF_ARG', 'Target', 'unwrap_model', 'check_modules', 'check_seq_dim', 'describe_modules', 'find_targets',
-           'read_output']
+__all__ = ['COEF_ARG', 'Target', 'unwrap_model', 'check_arguments', 'check_modules', 'check_seq_dim',
+           'describe_modules', 'find_targets', 'read_output']
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
@@ -111,11 +111,26 @@ def check_seq_dim(seq_dim):
     "The time axis as a Python int: any integer (numpy's, a 0-d torch tensor) but a bool; None stays None."
     if seq_dim is None: return None
     try:
-        if isinstance(seq_dim, bool) or isinstance(seq_dim, torch.Tensor) and seq_dim.is_floating_point(): raise TypeError
+        if isinstance(seq_dim, bool) or isinstance(seq_dim, Tensor) and seq_dim.is_floating_point(): raise TypeError
         return operator.index(seq_dim)
     except TypeError:
         raise TypeError(f"seq_dim takes an integer, the time axis of the hooked output (1: batch-first, "
                         f"0: sequence-first), or None; got {type(seq_dim).__name__} {seq_dim!r}") from None
+
+
+def check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, valid_metrics, show_columns) -> int | None:
+    "Check `TARCallback`'s arguments when it is built; returns `seq_dim` as a Python int (or None)."
+    for coef, arg, spec_arg in ((alpha, 'alpha', 'ar_modules'), (beta, 'beta', 'modules')):
+        if isinstance(coef, dict):
+            raise TypeError(f"{arg}={describe_coef(coef)}: coefficients per module go in {spec_arg}= as a dict, "
+                            f"{spec_arg}={describe_coef(coef)}; {arg} takes a number >= 0, a schedule, or a list")
+        check_coef(coef, arg)
+    check_modules(modules, 'modules', beta, 'beta')
+    if ar_modules is None: check_modules(modules, 'modules', alpha, 'alpha')  # AR reads `modules` then
+    else: check_modules(ar_modules, 'ar_modules', alpha, 'alpha')
+    for flag, value in (('all_layers', all_layers), ('valid_metrics', valid_metrics), ('show_columns', show_columns)):
+        if not isinstance(value, bool): raise TypeError(f"{flag} must be True or False, got {value!r}")
+    return check_seq_dim(seq_dim)
 
 
 def describe_modules(spec) -> str:

@@ -222,7 +222,8 @@ def test_penalty_of_the_forward_that_reaches_the_loss(order, grad):
     "Another forward in the same batch, before or after our before_batch: the training forward's activation is used."
     model, spy = LM(), LossSpy(stop=1)
     cap = Capture(model.lstm)
-    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1.), ExtraForward(order, grad), spy])
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(),
+                    cbs=[TARCallback(2., 1.), ExtraForward(order, grad), spy])
     quiet_fit(learn)
     other, train = cap.outputs
     assert spy.added[0] == penalty(ref_penalty(2., 1., train))
@@ -232,7 +233,7 @@ def test_penalty_of_the_forward_that_reaches_the_loss(order, grad):
     torch.testing.assert_close(with_extra, first_grads(LM(), TARCallback(2., 1.)), rtol=0, atol=1e-7)
 
 
-# --- two callbacks -----------------------------------------------------------------------------------------------------
+# --- two callbacks ---------------------------------------------------------------------------------------------------
 def test_two_callbacks_keep_both_columns_and_both_penalties():
     model, spy = LM(), LossSpy()
     cap = Capture(model.lstm)

@@ -35,7 +35,8 @@ class RNNLM(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.batch_first = batch_first
-        self.emb, self.rnn, self.head = nn.Embedding(VOCAB, 8), cls(8, 16, batch_first=batch_first), nn.Linear(16, VOCAB)
+        self.emb, self.head = nn.Embedding(VOCAB, 8), nn.Linear(16, VOCAB)
+        self.rnn = cls(8, 16, batch_first=batch_first)
 
     def forward(self, x):
         e = self.emb(x) if self.batch_first else self.emb(x).transpose(0, 1)
