@@ -97,7 +97,7 @@ def padded_dls(lengths=(SL, 7, 3, 1)):
 
 def test_bare_packed_sequence_is_unpacked():
     model, spy = PackedClassifier(), LossSpy(stop=1)
-    cap = Capture(model.rnn.gru)  # the same PackedSequence, inside the GRU's (output, state): unpacked with its lengths
+    cap = Capture(model.rnn)  # the test's own reading: unpacked, `valid` from the lengths
     quiet_fit(Learner(padded_dls(), model, loss_func=CrossEntropyLossFlat(),
                       cbs=[TARCallback(1., 2., modules='rnn'), spy]))
     (h, valid), = cap.parts
