@@ -77,7 +77,7 @@ def test_book_lmmodel7_plain_learner_matches_rnn_callback_and_regularizer(dls):
     ours = train(learn)
     assert_same_training(ours, fastai)
     assert ours[2] == [] and hook_ids(learn.model) == set()
-    assert learn.tar.places == "AR  dropped (output[2]): alpha=2.0\nTAR raw (output[1]): beta=1.0"
+    assert learn.tar.places == "AR dropped (output[2]): alpha=2.0\nTAR raw (output[1]): beta=1.0"
     with learn.no_bar(): preds, _ = learn.get_preds()  # predictions are the logits too
     assert preds.shape == (len(dls.valid) * BS, SL, len(dls.vocab))
 
@@ -217,17 +217,17 @@ class PlainLM(Module):
 def test_places_before_training_name_both_candidates_and_the_fit_settles_them(dls):
     learn = Learner(dls, lmmodel7(dls), loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter(), TARCallback()])
     candidates = ("if the model's forward returns fastai's (logits, raw, dropped):\n"
-                  "  AR  dropped (output[2]): alpha=2.0\n  TAR raw (output[1]): beta=1.0\n"
+                  "  AR dropped (output[2]): alpha=2.0\n  TAR raw (output[1]): beta=1.0\n"
                   "otherwise, found from the model's structure:\n"
-                  "  AR  rnn (LSTM): alpha=2.0\n  TAR rnn (LSTM): beta=1.0")
+                  "  AR rnn (LSTM): alpha=2.0\n  TAR rnn (LSTM): beta=1.0")
     assert learn.tar.places == candidates
     plain = Learner(dls, PlainLM(len(dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
     assert plain.tar.places == candidates  # before a forward, a model's output is not known
     quiet_fit(plain)
-    assert plain.tar.places == "AR  rnn (LSTM): alpha=2.0\nTAR rnn (LSTM): beta=1.0"  # AR on the raw LSTM output
+    assert plain.tar.places == "AR rnn (LSTM): alpha=2.0\nTAR rnn (LSTM): beta=1.0"  # AR on the raw LSTM output
     named = Learner(dls, PlainLM(len(dls.vocab)), loss_func=CrossEntropyLossFlat(),
                     cbs=TARCallback(modules='rnn', ar_modules='drop'))
-    assert named.tar.places == "AR  drop (Dropout): alpha=2.0\nTAR rnn (LSTM): beta=1.0"  # named: nothing to decide
+    assert named.tar.places == "AR drop (Dropout): alpha=2.0\nTAR rnn (LSTM): beta=1.0"  # named: nothing to decide
     assert TARCallback().places == "found when attached to a learner"
 
 
@@ -238,7 +238,7 @@ def test_places_that_differ_from_the_switched_off_regularizer_warn_once_naming_b
         quiet_fit(learn); quiet_fit(learn)
     moved = [str(x.message) for x in w if 'would have used' in str(x.message)]
     assert len(moved) == 1
-    assert 'AR  rnn (LSTM)' in moved[0] and 'TAR rnn (LSTM)' in moved[0] and 'output[2]' in moved[0]
+    assert 'AR rnn (LSTM)' in moved[0] and 'TAR rnn (LSTM)' in moved[0] and 'output[2]' in moved[0]
 
 
 # --- what is recognised, and tuples that are not the contract --------------------------------------------------------
