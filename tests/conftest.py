@@ -241,7 +241,7 @@ class Capture:
         self.hooks_seen.append(len(module._forward_hooks))
         h, valid = out, None
         if isinstance(module, SentenceEncoder): h, valid = out[0], ~out[1]  # (outs, pad_mask)
-        elif isinstance(out, tuple): h = out[0]  # an RNN's (output, state)
+        elif isinstance(out, tuple) and not isinstance(out, PackedSequence): h = out[0]  # an RNN's (output, state)
         self.refs.append(weakref.ref(h.data if isinstance(h, PackedSequence) else h))
         if not self.keep: return
         if isinstance(h, PackedSequence):
