@@ -119,7 +119,8 @@ def probe_bf16_autocast_lstm():
 @cache
 def bf16_autocast_unsupported():
     "`probe_bf16_autocast_lstm`, once per session, or the reason given by the environment variable `NO_BF16_ENV`."
-    if os.environ.get(NO_BF16_ENV, '') not in ('', '0'): return f"{NO_BF16_ENV} is set: running as on a CPU without bf16"
+    if os.environ.get(NO_BF16_ENV, '') not in ('', '0'):
+        return f"{NO_BF16_ENV} is set: running as on a CPU without bf16"
     return probe_bf16_autocast_lstm()
 
 

@@ -187,9 +187,9 @@ def test_torch_state_check_names_and_restores_what_a_test_left():
     torch.set_num_threads(torch.get_num_threads() + 1)
     changed = restore_torch_state(before)
     assert torch_state() == before
-    assert {name for name, _, _ in changed} == {'autocast cpu', 'autocast cpu dtype', 'autocast nesting', 'autocast cuda',
-                                                 'default dtype', 'grad mode', 'deterministic algorithms',
-                                                 'num threads'}
+    assert {name for name, _, _ in changed} == {'autocast cpu', 'autocast cpu dtype', 'autocast nesting',
+                                                 'autocast cuda', 'default dtype', 'grad mode',
+                                                 'deterministic algorithms', 'num threads'}
     assert ('autocast cpu', True, False) in changed
     assert restore_torch_state(before) == []
 
