@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -112,6 +113,9 @@ def main(argv=None) -> int:
     if args.command is None:  # the bare command: what it can do, rather than only 'a command is required'
         parser.print_help(sys.stderr)
         return 2
+    # fastai 2.8.12 decorates functions with `torch.jit.script`, which torch >= 2.14 warns about on import: a
+    # warning about fastai's code, not the user's, that would otherwise open every command's output.
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
     try: return importlib.import_module(f'{__package__}.{args.command}').run(args) or 0
     except UsageError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"fastai-tar {args.command}: error: {e}", file=sys.stderr)
