@@ -11,6 +11,7 @@ language-model epochs on synthetic text with no penalty, with `TARCallback` and 
 `RNNRegularizer`.
 """
 import json
+import math
 import platform
 import statistics
 import time
@@ -23,8 +24,7 @@ from .cli import UsageError, check_writable
 from .functional import ar_penalty, tar_penalty
 
 __all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'compile_naive', 'bench_row',
-           'compiled_columns', 'bench_table', 'format_table', 'format_compile', 'train_epochs', 'format_train',
-           'add_arguments', 'run']
+           'compiled_columns', 'bench_table', 'format_table', 'format_compile', 'train_epochs', 'format_train', 'run']
 
 SHAPES = [(64, 70, 400), (64, 70, 1152), (16, 512, 1024), (8, 2048, 2048)]  # bs x sl x n_hid
 QUICK_SHAPES = [(4, 12, 16), (2, 30, 24)]
@@ -336,25 +336,28 @@ def _json_path(text: str) -> Path:
     return path
 
 
-def add_arguments(parser):
-    "The `fastai-tar bench` options"
-    parser.add_argument('--shapes', metavar='BSxSLxH,...', help='shapes of the table rows (default: '
-                        + ','.join('x'.join(map(str, s)) for s in SHAPES) + ')')
-    parser.add_argument('--dtypes', default='float32,bfloat16', metavar='D,...',
-                        help=f"activation dtypes, from {', '.join(DTYPES)} (default: float32,bfloat16)")
-    parser.add_argument('--repeats', type=int, help='timed repeats per measurement (default: 20; --quick: 3)')
-    parser.add_argument('--quick', action='store_true', help='small shapes and few repeats: checks that it works')
-    parser.add_argument('--device', help="'cpu' or 'cuda' (default: cuda when available)")
-    parser.add_argument('--train', action='store_true', help='time AWD-LSTM LM epochs with and without TARCallback '
-                        'instead of the penalties alone (--quick: a tiny model)')
-    parser.add_argument('--epochs', type=int, help='--train: timed epochs per variant (default: 6; --quick: 2)')
-    parser.add_argument('--threads', type=int, help='torch intra-op threads (default: torch\'s, one per core)')
-    parser.add_argument('--json', metavar='PATH', help='also write the figures to this JSON file')
-
-
 def _environment(device) -> dict:
     return dict(torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
                 cpu=platform.processor() or platform.machine(), python=platform.python_version())
+
+
+SMALL_NUMEL = 2 ** 20  # below this many elements per tensor a row times per-call overhead more than memory traffic
+
+
+def _caveats(rows: list[dict], repeats: int) -> list[str]:
+    "Notes on rows whose numbers do not mean what the default table's do"
+    notes = []
+    small = ['x'.join(map(str, r['shape'])) for r in rows if math.prod(r['shape']) < SMALL_NUMEL]
+    if small:
+        notes.append(f"Note: {', '.join(dict.fromkeys(small))} hold fewer than {SMALL_NUMEL:,} elements: their times "
+                     "are mostly per-call overhead (Python, autograd, kernel launches), so speed-ups there, below 1x "
+                     "too, say nothing about real activations; the default shapes measure those.")
+    if repeats < 10: notes.append(f"Note: {repeats} repeat(s): medians of so few are noisy; the default is 20.")
+    return notes
+
+
+HISTORY_BATCHES = {'default': 2000, 'quick': 200}  # `--history`: training batches of the measured fit
+HISTORY_FRAME_ROWS = 1_000_000
 
 
 def run(args) -> int:
@@ -375,11 +378,19 @@ def run(args) -> int:
     if args.threads is not None: torch.set_num_threads(args.threads)
     env = _environment(device)
     print(f"fastai-tar bench: torch {env['torch']}, {env['device']} ({env['cpu']}), threads={env['threads']}")
-    if args.train:
+    if args.history:
+        from .bench_history import format_history, frame_seconds, history_cost
+        res = history_cost(HISTORY_BATCHES['quick' if quick else 'default'])
+        res['frame_rows'], res['frame_s'] = HISTORY_FRAME_ROWS, frame_seconds(HISTORY_FRAME_ROWS)
+        print(format_history(res))
+        out = dict(environment=env, history=res)
+    elif args.train:
         preset = dict(TRAIN_PRESETS['quick' if quick else 'default'])
         if args.epochs is not None: preset['epochs'] = args.epochs
         res = train_epochs(**preset, device=device)
         print(format_train(res))
+        if quick: print("Note: --quick times a tiny model, whose epochs are mostly fastai's per-batch overhead: the "
+                        "overheads above say nothing about a real model's; run without --quick for those.")
         out = dict(environment=env, train=res)
     else:
         rows = bench_table(shapes, dtypes, repeats, device)
@@ -387,6 +398,7 @@ def run(args) -> int:
               f"median of {repeats} repeats; saved = bytes kept for backward beyond the inputs")
         print(format_table(rows))
         print(format_compile(rows))
+        for note in _caveats(rows, repeats): print(note)
         out = dict(environment=env, repeats=repeats, rows=rows)
     if json_path is not None:
         json_path.write_text(json.dumps(out, indent=1))

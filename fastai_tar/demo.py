@@ -4,19 +4,23 @@ With no arguments the text is the Python documentation corpus built from this Py
 (`fastai_tar.corpus`); every run starts from the same seed on the same batches, so the runs differ
 only in alpha and beta. The table gives each run's validation loss, perplexity and smoothness:
 the unweighted TAR of the validation activations (`valid_tar`, lower is smoother). A plot and the
-table as JSON and CSV are written to --out. The default run takes about 2.5 minutes on 2 CPU cores,
---quick about 10 seconds.
+table as JSON and CSV are written to --out. The default run takes 2.5 to 5 minutes on 2 otherwise idle
+CPU cores (2-core AMD EPYC VMs with and without AVX-512), longer when other jobs share them; --quick
+takes 10 to 30 seconds.
 """
 import copy
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastcore.basics import noop
 # fastai.text.all, not the single modules: it also patches in `fit_one_cycle` and the progress bars
 from fastai.text.all import AWD_LSTM, Perplexity, awd_lstm_lm_config, language_model_learner, set_seed
 from matplotlib.figure import Figure
@@ -25,7 +29,7 @@ from .callback import TARCallback
 from .cli import UsageError, check_writable
 from .corpus import corpus_frame, lm_dls
 
-__all__ = ['PRESETS', 'TABLE_COLUMNS', 'add_arguments', 'run', 'make_runs', 'EpochTimer', 'train_run', 'results_table',
+__all__ = ['PRESETS', 'TABLE_COLUMNS', 'run', 'make_runs', 'EpochTimer', 'EpochLogger', 'train_run', 'results_table',
            'plot_results']
 
 # The default size trains in a few minutes on 2 CPU cores and leaves TAR's effect on smoothness plain
@@ -37,27 +41,6 @@ PRESETS = {
                   max_chars=60_000),
 }
 TABLE_COLUMNS = ['run', 'alpha', 'beta', 'valid_loss', 'perplexity', 'valid_tar', 'epoch_s']
-
-
-def add_arguments(parser):
-    "The `fastai-tar demo` options; None means the preset's value (`--quick` or the default size)"
-    parser.add_argument('--corpus', metavar='PATH', help='a .txt file or a folder of .txt files to train on '
-                        '(default: the Python documentation that ships with this Python)')
-    parser.add_argument('--alpha', type=float, nargs='+', default=[2.], metavar='A',
-                        help='AR coefficient(s) of the regularized runs; several values make a sweep (default: 2)')
-    parser.add_argument('--beta', type=float, nargs='+', default=[1.], metavar='B',
-                        help='TAR coefficient(s) of the regularized runs; several values make a sweep (default: 1)')
-    parser.add_argument('--epochs', type=int, help=f"epochs per run (default: {PRESETS['default']['epochs']})")
-    parser.add_argument('--bs', type=int, help=f"batch size (default: {PRESETS['default']['bs']})")
-    parser.add_argument('--bptt', type=int, help=f"tokens per sequence (default: {PRESETS['default']['bptt']})")
-    parser.add_argument('--seed', type=int, default=42, help='seed of every run (default: 42)')
-    parser.add_argument('--quick', action='store_true',
-                        help='a tiny model on 60k characters of text, 2 epochs: checks that everything works')
-    parser.add_argument('--threads', type=int, default=1,
-                        help='CPU threads for torch (default: 1; a model this small gains little from more, and '
-                        'loses much when other processes share the cores)')
-    parser.add_argument('--out', default='tar_demo', metavar='DIR',
-                        help='folder for the plot and the tables (default: ./tar_demo)')
 
 
 def _settings(args) -> dict:
@@ -91,6 +74,26 @@ def make_runs(
     return [(_run_name(a, b), a, b) for a, b in pairs]
 
 
+class EpochLogger(Callback):
+    """fastai's fit table as plain lines, one per epoch, and no progress bars: for output that is not a terminal.
+
+    fastprogress writes its bars to files and CI logs too, as carriage returns and bar glyphs."""
+    order = ProgressCallback.order
+
+    def before_fit(self):
+        self.old_logger, self.widths = self.learn.logger, None
+        if self.old_logger is noop: return  # `learn.no_logging()`
+        self.learn.logger = self._write
+        self._write(self.recorder.metric_names)
+
+    def after_fit(self): self.learn.logger = self.old_logger
+
+    def _write(self, log):
+        cells = [f'{v:.6f}' if isinstance(v, float) else str(v) for v in log]  # as `ProgressCallback` writes them
+        if self.widths is None: self.widths = [max(len(c), 8) for c in cells]  # the header sets the columns
+        print('  '.join(c.ljust(w) for c, w in zip(cells, self.widths)).rstrip(), flush=True)
+
+
 class EpochTimer(Callback):
     "Wall seconds of each epoch of the last fit, training and validation"
     def before_fit(self): self.times = []
@@ -120,6 +123,7 @@ def train_run(
     learn = language_model_learner(dls, AWD_LSTM, config=cfg, pretrained=False, drop_mult=drop_mult,
                                    alpha=0., beta=0., metrics=[Perplexity()], path=path,
                                    cbs=[TARCallback(alpha=alpha, beta=beta, valid_metrics=True), EpochTimer()])
+    if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(EpochLogger())
     learn.fit_one_cycle(epochs, lr)
     names = learn.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
     history = [dict(epoch=i, **{n: float(v) for n, v in zip(names, vals)})
@@ -165,6 +169,36 @@ def _summary(table) -> list[str]:
             for r in table.iloc[1:].itertuples()]
 
 
+def _caveat(s: dict) -> str | None:
+    "What the numbers of a run smaller or shorter than the default one cannot show, or None for a full-size run"
+    full = PRESETS['default']
+    if s['max_chars'] is None and s['epochs'] >= full['epochs']: return None
+    size = f"a tiny model on at most {s['max_chars']:,} characters, " if s['max_chars'] is not None else ''
+    return (f"Note: {size}{s['epochs']} epoch(s): a check that everything works. A run this small or short does not "
+            f"show what the default one ({full['epochs']} epochs on the whole corpus) shows:\nthe regularized run may "
+            "have a worse perplexity than the baseline and, after very few epochs, even a larger valid_tar.")
+
+
+def _first_missing(path: Path) -> Path | None:
+    "The outermost folder of `path` that does not exist yet: what `mkdir(parents=True)` creates; None if it exists"
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists(): break
+        missing = p
+    return missing
+
+
+def _remove_created(written: list[Path], made: Path | None, out: Path) -> str:
+    "Delete the files this run wrote and the folders it made (if they hold nothing else); says what it removed"
+    for f in written: f.unlink(missing_ok=True)
+    if made is None: return f"no results written to {out}" if not written else f"removed the files it wrote to {out}"
+    for d in (out, *out.parents):  # innermost first; a folder that holds someone else's files stays
+        try: d.rmdir()
+        except OSError: return f"no results written; {out} kept (it holds other files)"
+        if d == made: break
+    return f"no results written (removed {made}, which it had created)"
+
+
 def run(args) -> int:
     "`fastai-tar demo`: train the runs, print the table, write the plot and the tables to --out"
     s = _settings(args)
@@ -174,24 +208,31 @@ def run(args) -> int:
     print(f"Building {source}...", flush=True)
     df = corpus_frame(args.corpus, max_chars=s['max_chars'])
     dls = lm_dls(df, bs=s['bs'], bptt=s['bptt'], seed=args.seed, path=out)
+    made = _first_missing(out)
     # after the corpus checks (a bad corpus leaves nothing behind), before any training
     check_writable(out, f'--out {str(out)!r}', create=True)
-    n_tok = {k: int(sum(dl.lens)) for k, dl in (('train', dls.train), ('valid', dls.valid))}
-    print(f"{len(df)} blocks ({int(df.is_valid.sum())} valid), {n_tok['train']} train / {n_tok['valid']} valid "
-          f"tokens, vocab {len(dls.vocab)}", flush=True)
-    config = {k: s[k] for k in ('emb_sz', 'n_hid', 'n_layers')}
-    results = []
-    for name, alpha, beta in make_runs(args.alpha, args.beta):
-        print(f"\n== {name}: alpha={alpha:g}, beta={beta:g} ==", flush=True)
-        results.append(train_run(dls, alpha, beta, s['epochs'], s['lr'], args.seed, config, s['drop_mult'], out))
-    table = results_table(results)
-    files = {'plot': out/'tar_demo.png', 'json': out/'results.json', 'csv': out/'results.csv'}
-    plot_results(results, files['plot'])
-    table.to_csv(files['csv'], index=False)
-    meta = dict(corpus=args.corpus or 'python_docs', blocks=len(df), valid_blocks=int(df.is_valid.sum()),
-                vocab=len(dls.vocab), seed=args.seed, **{f'{k}_tokens': v for k, v in n_tok.items()}, **s)
-    files['json'].write_text(json.dumps(dict(settings=meta, runs=results), indent=1) + '\n')
+    written = []  # Ctrl-C removes these, so that no folder of half-written results is left
+    try:
+        n_tok = {k: int(sum(dl.lens)) for k, dl in (('train', dls.train), ('valid', dls.valid))}
+        print(f"{len(df)} blocks ({int(df.is_valid.sum())} valid), {n_tok['train']} train / {n_tok['valid']} valid "
+              f"tokens, vocab {len(dls.vocab)}", flush=True)
+        config = {k: s[k] for k in ('emb_sz', 'n_hid', 'n_layers')}
+        results = []
+        for name, alpha, beta in make_runs(args.alpha, args.beta):
+            print(f"\n== {name}: alpha={alpha:g}, beta={beta:g} ==", flush=True)
+            results.append(train_run(dls, alpha, beta, s['epochs'], s['lr'], args.seed, config, s['drop_mult'], out))
+        table = results_table(results)
+        files = {'plot': out/'tar_demo.png', 'json': out/'results.json', 'csv': out/'results.csv'}
+        written.append(files['plot']); plot_results(results, files['plot'])
+        written.append(files['csv']); table.to_csv(files['csv'], index=False)
+        meta = dict(corpus=args.corpus or 'python_docs', blocks=len(df), valid_blocks=int(df.is_valid.sum()),
+                    vocab=len(dls.vocab), seed=args.seed, **{f'{k}_tokens': v for k, v in n_tok.items()}, **s)
+        written.append(files['json'])
+        files['json'].write_text(json.dumps(dict(settings=meta, runs=results), indent=1) + '\n')
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_remove_created(written, made, out)) from None
     print('\n' + table.to_string(index=False, float_format=lambda v: f'{v:.4g}'))
     for line in _summary(table): print(line)
+    if (note := _caveat(s)) is not None: print('\n' + note)
     print('\nWrote ' + ', '.join(str(f) for f in files.values()))
     return 0

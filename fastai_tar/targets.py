@@ -1,21 +1,25 @@
 """Which modules AR and TAR read, and how their outputs become `(activations, mask, seq_dim)`.
 
-For fastai's text models the places are known: the AWD-LSTM encoder's raw output (TAR) and the
-language model decoder's output dropout (AR), or the `SentenceEncoder` of a classifier, whose
-output carries the padding mask. For any other model the last `nn.RNNBase` is used.
+Where no module is named and the model returns fastai's `(logits, raw, dropped)`, `TARCallback` reads that
+output instead (`fastai_tar.contract`); the places here are the rest. For fastai's text models they are known:
+the AWD-LSTM encoder's raw output (TAR) and the language model decoder's output dropout (AR), or the
+`SentenceEncoder` of a classifier, whose output carries the padding mask. For any other model the last
+`nn.RNNBase` is used for both TAR and AR: AR then reads the raw RNN output, not a dropped one.
 """
+import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn, Tensor
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
-from fastai.text.models.awdlstm import AWD_LSTM, WeightDropout
+from fastai.text.models.awdlstm import AWD_LSTM, RNNDropout, WeightDropout
 from fastai.text.models.core import LinearDecoder, SentenceEncoder
 
-from .schedule import describe_coef
+from .schedule import check_coef, describe_coef
 
-__all__ = ['COEF_ARG', 'Target', 'unwrap_model', 'find_targets', 'read_output']
+__all__ = ['COEF_ARG', 'Target', 'unwrap_model', 'check_arguments', 'check_modules', 'check_seq_dim',
+           'describe_modules', 'find_targets', 'read_output']
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
@@ -33,7 +37,7 @@ class Target:
 
     def __repr__(self):
         off = ' (off in training)' if not callable(self.coef) and self.coef == 0 else ''
-        return (f"{self.kind.upper():<3} {self.name or '<model>'} ({type(self.module).__name__}): "
+        return (f"{self.kind.upper()} {self.name or '<model>'} ({type(self.module).__name__}): "
                 f"{COEF_ARG[self.kind]}={describe_coef(self.coef)}{off}")
 
 
@@ -77,6 +81,66 @@ def _default_places(model: nn.Module, all_layers: bool) -> tuple[list, list]:
         "SentenceEncoder (classifier), an AWD_LSTM (language model) and an nn.LSTM/nn.GRU/nn.RNN. Name the "
         "module(s) whose output is the recurrent activation: TARCallback(modules=['encoder.rnn']) with names "
         "from model.named_modules(), or the module objects themselves.")
+
+
+_SPEC = "a module, a name from model.named_modules(), a list of them, or a dict {module or name: coefficient}"
+
+
+def _specs(spec) -> list:
+    return list(spec) if isinstance(spec, (list, tuple, dict)) else [spec]
+
+
+def check_modules(
+    spec,  # what the user passed as `modules=` / `ar_modules=`
+    arg: str,  # that argument's name, for the message
+    coef=None,  # the coefficient that weights these modules: a list must give one per module
+    coef_arg: str = '',  # its name
+):
+    "Reject a module spec that can never name a module, when the callback is built; names are looked up at fit."
+    if spec is None: return
+    if isinstance(spec, (list, tuple, dict)) and not spec:
+        raise ValueError(f"{arg}={spec!r} names no module: give {_SPEC}, or None to find them from the model")
+    for s in _specs(spec):
+        if not isinstance(s, (nn.Module, str)):
+            raise TypeError(f"{arg} takes {_SPEC}; got {type(s).__name__} {s!r}")
+    if isinstance(spec, dict): check_coef(spec, coef_arg)
+    elif isinstance(coef, (list, tuple)) and len(coef) != len(_specs(spec)):
+        raise ValueError(f"{coef_arg} has {len(coef)} coefficients but {arg} names {len(_specs(spec))} modules: "
+                         f"give one coefficient per module, or a single number for all")
+
+
+def check_seq_dim(seq_dim):
+    "The time axis as a Python int: any integer (numpy's, a 0-d torch tensor) but a bool; None stays None."
+    if seq_dim is None: return None
+    try:
+        if isinstance(seq_dim, bool) or isinstance(seq_dim, Tensor) and seq_dim.is_floating_point(): raise TypeError
+        return operator.index(seq_dim)
+    except TypeError:
+        raise TypeError(f"seq_dim takes an integer, the time axis of the hooked output (1: batch-first, "
+                        f"0: sequence-first), or None; got {type(seq_dim).__name__} {seq_dim!r}") from None
+
+
+def check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, valid_metrics, show_columns) -> int | None:
+    "Check `TARCallback`'s arguments when it is built; returns `seq_dim` as a Python int (or None)."
+    for coef, arg, spec_arg in ((alpha, 'alpha', 'ar_modules'), (beta, 'beta', 'modules')):
+        if isinstance(coef, dict):
+            raise TypeError(f"{arg}={describe_coef(coef)}: coefficients per module go in {spec_arg}= as a dict, "
+                            f"{spec_arg}={describe_coef(coef)}; {arg} takes a number >= 0, a schedule, or a list")
+        check_coef(coef, arg)
+    check_modules(modules, 'modules', beta, 'beta')
+    if ar_modules is None: check_modules(modules, 'modules', alpha, 'alpha')  # AR reads `modules` then
+    else: check_modules(ar_modules, 'ar_modules', alpha, 'alpha')
+    for flag, value in (('all_layers', all_layers), ('valid_metrics', valid_metrics), ('show_columns', show_columns)):
+        if not isinstance(value, bool): raise TypeError(f"{flag} must be True or False, got {value!r}")
+    return check_seq_dim(seq_dim)
+
+
+def describe_modules(spec) -> str:
+    "A one-line form of a module spec for `repr`: names quoted, modules by their class."
+    one = lambda m: repr(m) if isinstance(m, str) else type(m).__name__
+    if isinstance(spec, dict): return '{' + ', '.join(f'{one(k)}: {describe_coef(v)}' for k, v in spec.items()) + '}'
+    if isinstance(spec, (list, tuple)): return '[' + ', '.join(map(one, spec)) + ']'
+    return one(spec)
 
 
 def _lookup(model: nn.Module, spec, arg: str) -> tuple[str, nn.Module]:
@@ -133,12 +197,16 @@ def find_targets(
     return targets
 
 
-def _time_axis(module: nn.Module, h: Tensor, default: int) -> int:
+# Modules whose output layout is known: fastai's text modules are batch-first, `nn.RNNBase` says `batch_first`.
+_BATCH_FIRST = (AWD_LSTM, SentenceEncoder, RNNDropout)
+
+
+def _known_axis(module: nn.Module, h: Tensor) -> int | None:
     rnn = module.module if isinstance(module, WeightDropout) else module
     if isinstance(rnn, nn.RNNBase):
         if h.dim() == 2: return 0  # unbatched input: (L, H)
         return 1 if rnn.batch_first else 0
-    return default
+    return 1 if isinstance(module, _BATCH_FIRST) else None
 
 
 def _packed_mask(lengths: Tensor, sl: int, device) -> Tensor:
@@ -148,21 +216,36 @@ def _packed_mask(lengths: Tensor, sl: int, device) -> Tensor:
 def read_output(
     module: nn.Module,  # the hooked module
     output,  # what its forward returned
-    seq_dim: int = 1,  # the time axis where the module does not say (`batch_first`)
+    seq_dim: int | None = None,  # the user's time axis: needed where the module's layout is unknown (default 1)
 ) -> tuple[Tensor, Tensor | None, int]:
     "`(h, mask, seq_dim)` from a module's output: mask True where the position is real data."
+    name = type(module).__name__
     if isinstance(module, SentenceEncoder):
-        outs, pad = output
-        return outs, ~pad, 1
-    if isinstance(output, (tuple, list)) and output: output = output[0]  # RNNs return (output, state)
-    if isinstance(output, PackedSequence):
-        h, lengths = pad_packed_sequence(output, batch_first=True)
-        return h, _packed_mask(lengths, h.shape[1], h.device), 1
-    if not isinstance(output, Tensor) or not output.is_floating_point() or output.dim() < 2:
-        what = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) \
-            else type(output).__name__
-        raise TypeError(f"TARCallback cannot read the output of {type(module).__name__} ({what}): hook modules "
-                        "that return a float tensor with time and feature dims, an (output, state) tuple or a "
-                        "PackedSequence, through modules= / ar_modules=")
-    return output, None, _time_axis(module, output, seq_dim)
-
+        h, pad = output
+        mask = ~pad
+    else:
+        # RNNs return (output, state); a PackedSequence is a tuple too, and is the output itself
+        if isinstance(output, (tuple, list)) and not isinstance(output, PackedSequence) and output: output = output[0]
+        mask = None
+        if isinstance(output, PackedSequence):
+            output, lengths = pad_packed_sequence(output, batch_first=True)
+            mask = _packed_mask(lengths, output.shape[1], output.device)
+        if not isinstance(output, Tensor) or not output.is_floating_point() or output.dim() < 2:
+            what = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) \
+                else type(output).__name__
+            raise TypeError(f"TARCallback cannot read the output of {name} ({what}): hook modules that return a "
+                            "float tensor with time and feature dims, an (output, state) tuple or a PackedSequence, "
+                            "through modules= / ar_modules=")
+        h = output
+    known = 1 if mask is not None else _known_axis(module, h)
+    if known is None:
+        if isinstance(module, nn.RNNCellBase) or (h.dim() == 2 and seq_dim is None):
+            raise ValueError(f"TARCallback cannot find a time axis in the output of {name} (shape {tuple(h.shape)}): "
+                             "one step of an RNN cell has none. Hook the module that returns the whole sequence "
+                             "(batch, time, features), or pass seq_dim= for a custom module's (time, features)")
+        return h, mask, 1 if seq_dim is None else seq_dim
+    if seq_dim is not None and (not -h.dim() <= seq_dim < h.dim() or seq_dim % h.dim() != known):
+        raise ValueError(f"seq_dim={seq_dim} contradicts the time axis of {name}'s output, {known} (shape "
+                         f"{tuple(h.shape)}), which TARCallback reads from the module itself: leave seq_dim out; "
+                         "it is for custom modules whose layout cannot be read")
+    return h, mask, known

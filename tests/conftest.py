@@ -1,9 +1,12 @@
 """Shared test helpers: tiny fastai text models and in-memory data (small enough for 2 CPU cores), the float64
 references every penalty is checked against, and the test's own hooks and spies."""
 import gc
+import os
+import random
 import weakref
-from functools import partial
+from functools import cache, partial
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -23,6 +26,108 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- global torch state: no test may leave it behind -------------------------------------------------------------
+def _autocast_nesting():
+    "How many autocast contexts are open (torch has no getter: one level up and back down)."
+    n = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return n
+
+
+def _set_autocast_nesting(n):
+    now = _autocast_nesting()
+    for _ in range(now - n): torch.autocast_decrement_nesting()
+    for _ in range(n - now): torch.autocast_increment_nesting()
+    if n == 0: torch.clear_autocast_cache()  # what leaving the outermost autocast does
+
+
+# (name, read, write) of each process-wide setting a test could change and forget. A test that raised inside
+# fastai's MixedPrecision once left CPU autocast on, and every later LSTM of the session ran in bf16.
+TORCH_STATE = [
+    *[(f'autocast {d}', partial(torch.is_autocast_enabled, d), partial(torch.set_autocast_enabled, d))
+      for d in ('cpu', 'cuda')],
+    *[(f'autocast {d} dtype', partial(torch.get_autocast_dtype, d), partial(torch.set_autocast_dtype, d))
+      for d in ('cpu', 'cuda')],
+    ('autocast cache', torch.is_autocast_cache_enabled, torch.set_autocast_cache_enabled),
+    # an autocast entered and never left also stays counted: its weight cache would then never be cleared
+    ('autocast nesting', _autocast_nesting, _set_autocast_nesting),
+    ('default dtype', torch.get_default_dtype, torch.set_default_dtype),
+    ('grad mode', torch.is_grad_enabled, torch.set_grad_enabled),
+    ('anomaly detection', torch.is_anomaly_enabled, torch.set_anomaly_enabled),
+    ('deterministic algorithms', lambda: (torch.are_deterministic_algorithms_enabled(),
+                                          torch.is_deterministic_algorithms_warn_only_enabled()),
+     lambda v: torch.use_deterministic_algorithms(v[0], warn_only=v[1])),
+    ('cudnn flags', lambda: (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark,
+                             torch.backends.cudnn.deterministic),
+     lambda v: setattr(torch.backends.cudnn, 'enabled', v[0]) or setattr(torch.backends.cudnn, 'benchmark', v[1])
+     or setattr(torch.backends.cudnn, 'deterministic', v[2])),
+    ('mkldnn enabled', lambda: torch.backends.mkldnn.enabled, lambda v: setattr(torch.backends.mkldnn, 'enabled', v)),
+    ('float32 matmul precision', torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    ('num threads', torch.get_num_threads, torch.set_num_threads),
+]
+
+
+def torch_state() -> dict:
+    "The current value of every setting in `TORCH_STATE`."
+    return {name: read() for name, read, _ in TORCH_STATE}
+
+
+def restore_torch_state(before: dict) -> list:
+    "Put back every setting of `before` (from `torch_state`) that differs now; the `(name, left, restored)` of each."
+    changed = [(name, read(), before[name]) for name, read, _ in TORCH_STATE if read() != before[name]]
+    write = {name: w for name, _, w in TORCH_STATE}
+    for name, _, value in changed: write[name](value)
+    return changed
+
+
+@pytest.fixture(autouse=True)
+def clean_torch_state():
+    """Each test starts from the same global torch state and the same random streams, and fails if it left a
+    setting changed (after putting it back, so that the next test is not hit too). The random streams are only put
+    back: a test may draw from them, but the next one should not depend on how much it drew."""
+    before = torch_state()
+    rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    yield
+    torch.set_rng_state(rngs[0]); random.setstate(rngs[1]); np.random.set_state(rngs[2])
+    changed = restore_torch_state(before)
+    if changed:
+        pytest.fail("the test left global torch state behind (now restored): " +
+                    "; ".join(f"{name} = {now!r}, was {was!r}" for name, now, was in changed), pytrace=False)
+
+
+# --- what this CPU can do ----------------------------------------------------------------------------------------
+NO_BF16_ENV = 'FASTAI_TAR_TEST_NO_BF16'  # set to 1 to run the suite as on a CPU without bf16 (the skips show)
+
+
+def probe_bf16_autocast_lstm():
+    """None if an LSTM runs forward and backward under CPU bf16 autocast here, else why not. oneDNN needs
+    AVX-512 with bf16 (or AMX) for it; on an AVX2-only CPU it raises 'could not create a primitive descriptor
+    for the LSTM forward propagation primitive'."""
+    with torch.random.fork_rng(), torch.enable_grad():
+        lstm, x = torch.nn.LSTM(4, 4, batch_first=True), torch.randn(2, 3, 4)
+        try:
+            with torch.autocast('cpu', dtype=torch.bfloat16): out = lstm(x)[0]
+            out.float().sum().backward()
+        except RuntimeError as e:
+            return f"this CPU cannot run an LSTM under bf16 autocast: {str(e).splitlines()[0]}"
+    if out.dtype != torch.bfloat16: return f"bf16 autocast ran an LSTM in {out.dtype}"
+    return None
+
+
+@cache
+def bf16_autocast_unsupported():
+    "`probe_bf16_autocast_lstm`, once per session, or the reason given by the environment variable `NO_BF16_ENV`."
+    if os.environ.get(NO_BF16_ENV, '') not in ('', '0'):
+        return f"{NO_BF16_ENV} is set: running as on a CPU without bf16"
+    return probe_bf16_autocast_lstm()
+
+
+def require_bf16_autocast():
+    "Skip the calling test, with the reason, where an LSTM cannot run under CPU bf16 autocast."
+    reason = bf16_autocast_unsupported()
+    if reason: pytest.skip(reason)
 
 
 # --- models and data ---------------------------------------------------------------------------------------------
@@ -137,7 +242,7 @@ class Capture:
         self.hooks_seen.append(len(module._forward_hooks))
         h, valid = out, None
         if isinstance(module, SentenceEncoder): h, valid = out[0], ~out[1]  # (outs, pad_mask)
-        elif isinstance(out, tuple): h = out[0]  # an RNN's (output, state)
+        elif isinstance(out, tuple) and not isinstance(out, PackedSequence): h = out[0]  # an RNN's (output, state)
         self.refs.append(weakref.ref(h.data if isinstance(h, PackedSequence) else h))
         if not self.keep: return
         if isinstance(h, PackedSequence):

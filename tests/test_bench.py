@@ -67,6 +67,19 @@ def test_bench_train_quick(tmp_path, capsys):
     for run in runs: assert f'| {run} |' in out
 
 
+def test_bench_history_quick(tmp_path, capsys):
+    "The history's bytes per batch, measured over a real fit: 36 B of items for AR+TAR, held within 64 B"
+    path = tmp_path / 'history.json'
+    assert main(['bench', '--history', '--quick', '--json', str(path)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(path.read_text())['history']
+    assert res['batches'] == bench.HISTORY_BATCHES['quick'] and res['terms'] == 2
+    assert res['item_bytes'] == 36 * res['batches'] and res['item_bytes_per_batch'] == 36
+    assert 36 <= res['held_bytes_per_batch'] <= 64
+    assert res['frame_rows'] == 1_000_000 and res['frame_s'] > 0
+    assert '| bytes per batch (row items) | 36.0 |' in out
+
+
 @pytest.fixture
 def no_bench(monkeypatch):
     "The bench itself fails the test if it starts: bad options must be caught before any measuring."

@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 from fastai.text.all import (CrossEntropyLossFlat, CSVLogger, Learner, ModelResetter, SaveModelCallback, SchedCos,
                              SchedLin, SchedNo, ShowGraphCallback, accuracy, combine_scheds)
 from fastprogress.fastprogress import ConsoleMasterBar
 from matplotlib.figure import Figure
 
+import fastai_tar.callback
 from fastai_tar import TARCallback
 from conftest import (VOCAB, AliveAfterBatch, Boom, Capture, LossSpy, hook_ids, lm_dls, penalty, quiet_fit, ref_ar,
                       ref_penalty, ref_tar, tiny_lm)
@@ -223,20 +225,21 @@ def test_valid_metrics_keep_no_activation_after_each_batch():
     assert probe.alive == [0] * (N_BATCHES + N_VALID_BATCHES)
 
 
-def test_valid_metrics_not_computed_in_get_preds_or_validate():
+def test_valid_metrics_not_computed_in_get_preds_or_validate(monkeypatch):
     tar = TARCallback(valid_metrics=True)
     learn = tiny_learner(tar)
-    seen = []  # (training, how many forward hooks the encoder carries) at each forward
-    learn.model[0].register_forward_hook(lambda m, i, o: seen.append((m.training, len(m._forward_hooks))))
+    # The LM returns (logits, raw, dropped): the callback reads the terms there (no hook), through `output_sums`.
+    seen, output_sums = [], fastai_tar.callback.output_sums
+    monkeypatch.setattr(fastai_tar.callback, 'output_sums', lambda t, c: seen.append(learn.training) or output_sums(t, c))
     quiet_fit(learn)
-    assert set(seen) == {(True, 2), (False, 2)}  # TARCallback's hook next to ours: in training and validation
+    assert set(seen) == {True, False}  # computed in training and validation
     seen.clear()
     with learn.no_bar():
         preds, _ = learn.get_preds()
         learn.validate()
         learn.get_preds(inner=True)
     assert preds.shape == (N_VALID, SL, VOCAB)
-    assert seen and set(seen) == {(False, 1)}  # only ours: nothing hooked, nothing computed
+    assert seen == [] and hook_ids(learn.model) == set()  # nothing hooked, nothing computed
 
 
 # --- history and plot -------------------------------------------------------------------------------------------
@@ -258,6 +261,28 @@ def test_history_is_one_row_per_training_batch_of_the_last_fit_and_plots_headles
     np.testing.assert_allclose(pen.get_lines()[1].get_ydata(), h['tar'])
     buf = io.BytesIO(); fig.savefig(buf, format='png')
     assert buf.getvalue()[:4] == b'\x89PNG'
+
+
+def test_history_moves_to_the_host_once_per_epoch_and_keeps_one_buffer():
+    "No per-batch transfer and no tensor per batch: rows reach the host arrays only when a training epoch ends."
+    from fastai.callback.core import Callback
+
+    class Watch(Callback):
+        order = 100
+        def before_fit(self): self.seen = []
+        def after_batch(self):
+            if self.training:
+                log = self.learn.tar._log
+                self.seen.append((len(log.values), log._n_buf, id(log._buf)))
+    tar, watch = TARCallback(), Watch()
+    learn = tiny_learner(tar, cbs=[watch])
+    quiet_fit(learn, 2)
+    per_epoch = [watch.seen[:N_BATCHES], watch.seen[N_BATCHES:]]
+    assert [v for v, _, _ in per_epoch[0]] == [0] * N_BATCHES  # nothing on the host during the first epoch
+    assert [v for v, _, _ in per_epoch[1]] == [3 * N_BATCHES] * N_BATCHES  # loss, ar, tar of each first-epoch batch
+    assert [n for _, n, _ in watch.seen] == list(range(1, N_BATCHES + 1)) * 2
+    assert len({b for _, _, b in per_epoch[0]}) == 1  # one buffer per epoch, not a tensor per batch
+    assert len(tar.history) == 2 * N_BATCHES and tar._log._buf is None
 
 
 # --- schedules -----------------------------------------------------------------------------------------------
@@ -372,26 +397,34 @@ def test_default_stays_last_layer_only():
 # --- repr ----------------------------------------------------------------------------------------------------------
 def test_repr_says_what_is_hooked_and_with_which_coefficients():
     tar = TARCallback(beta=SchedLin(0., 1.))
-    assert repr(tar) == "TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0))\n  hooks: found when attached to a learner"
+    assert repr(tar) == "TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0))"
     learn = tiny_learner(tar)
-    assert repr(learn.tar) == ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0))\n"
-                               "  AR  1.output_dp (RNNDropout): alpha=2.0\n"
-                               "  TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0)")
-    quiet_fit(learn)
-    assert repr(learn.tar).splitlines()[1:] == ["  AR  1.output_dp (RNNDropout): alpha=2.0",
-                                                "  TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0)"]
+    hooked = ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): AR 1.output_dp (RNNDropout): alpha=2.0; "
+              "TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0)")
+    assert repr(learn.tar) == hooked
+    quiet_fit(learn)  # the LM returns (logits, raw, dropped): the fit read the terms there, not through hooks
+    assert repr(learn.tar) == ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): AR dropped (output[2]): alpha=2.0; "
+                               "TAR raw (output[1]): beta=SchedLin(0.0, 1.0)")
+
+
+def test_unattached_repr_shows_what_was_passed():
+    "Every argument given, in the signature's order; defaults left out."
+    tar = TARCallback(modules='x', ar_modules=[nn.LSTM(2, 2), 'y'], seq_dim=np.int64(0), show_columns=False)
+    assert repr(tar) == ("TARCallback(alpha=2.0, beta=1.0, modules='x', ar_modules=[LSTM, 'y'], seq_dim=0, "
+                         "show_columns=False)")
+    assert repr(TARCallback(modules={'0.rnns.0': .5})) == "TARCallback(alpha=2.0, beta=1.0, modules={'0.rnns.0': 0.5})"
 
 
 def test_repr_of_several_layers_and_a_term_that_is_off():
     learn = tiny_learner(TARCallback(alpha=0., all_layers=True, valid_metrics=True))
-    assert repr(learn.tar) == ("TARCallback(alpha=0.0, beta=1.0, all_layers=True, valid_metrics=True)\n"
-                               "  AR  0.hidden_dps.0 (RNNDropout): alpha=0.0 (off in training)\n"
-                               "  AR  1.output_dp (RNNDropout): alpha=0.0 (off in training)\n"
-                               "  TAR 0.rnns.0 (WeightDropout): beta=1.0\n"
-                               "  TAR 0.rnns.1 (WeightDropout): beta=1.0")
+    assert repr(learn.tar) == ("TARCallback(alpha=0.0, beta=1.0, all_layers=True, valid_metrics=True): "
+                               "AR 0.hidden_dps.0 (RNNDropout): alpha=0.0 (off in training); "
+                               "AR 1.output_dp (RNNDropout): alpha=0.0 (off in training); "
+                               "TAR 0.rnns.0 (WeightDropout): beta=1.0; TAR 0.rnns.1 (WeightDropout): beta=1.0")
 
 
 def test_repr_of_a_set_up_that_cannot_hook_says_why():
     learn = tiny_learner(TARCallback(modules=['encoder.rnn'], ar_modules=['1.output_dp']))
-    assert repr(learn.tar).startswith("TARCallback(alpha=2.0, beta=1.0)\n  cannot hook: modules: no module named "
-                                      "'encoder.rnn'")
+    assert repr(learn.tar).startswith("TARCallback(alpha=2.0, beta=1.0, modules=['encoder.rnn'], "
+                                      "ar_modules=['1.output_dp']): cannot hook: modules: no module named 'encoder.rnn'")
+    assert '\n' not in repr(learn.tar)

@@ -2,10 +2,14 @@
 models, the callback's lifecycle, export, memory, and modules called several times in one forward."""
 import os
 import pickle
+import platform
 import socket
+import subprocess
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,8 +25,9 @@ from fastai.text.all import (AWD_LSTM, SGD, CancelFitException, Callback, CrossE
 
 from fastai_tar import TARCallback
 from fastai_tar.columns import PenaltyColumn
-from conftest import (PAD, VOCAB, AliveAfterBatch, Boom, Capture, LossSpy, clas_dls, far, hook_ids, lm_dls, penalty,
-                      quiet_fit, ref_ar, ref_penalty, ref_tar, tiny_config, tiny_lm)
+from conftest import (NO_BF16_ENV, PAD, VOCAB, AliveAfterBatch, Boom, Capture, LossSpy, clas_dls, far, hook_ids,
+                      lm_dls, penalty, probe_bf16_autocast_lstm, quiet_fit, ref_ar, ref_penalty, ref_tar,
+                      require_bf16_autocast, restore_torch_state, tiny_config, tiny_lm, torch_state)
 
 
 class LSTMLM(nn.Module):
@@ -55,19 +60,51 @@ class RecordingScaler(GradScaler):
 
 
 class CPUMixedPrecision(MixedPrecision):
-    "fastai's MixedPrecision with CPU autocast (bf16: oneDNN has no fp16 LSTM) and an enabled CPU GradScaler."
-    def __init__(self, scaler=None, **kw): super().__init__(**kw); self.cpu_scaler = scaler
+    """fastai's MixedPrecision with CPU autocast (bf16: oneDNN has no fp16 LSTM) and an enabled CPU GradScaler.
+    fastai enters autocast in before_batch and leaves it in after_loss, so a forward that raises never leaves it
+    (no event follows an exception) and the rest of the process runs in bf16. Here autocast covers each batch's
+    model forward only, entered by a forward pre-hook and left by an `always_call` forward hook, which torch runs
+    even when the forward raises. The loss is computed outside, on the float32 `pred` of fastai's after_pred: the
+    losses used here run in float32 under autocast anyway. The scaler events are fastai's own code."""
+    def __init__(self, scaler=None, **kw):
+        super().__init__(**kw)
+        self.cpu_scaler, self._hooks, self._armed, self._inside = scaler, [], False, False
 
-    def before_fit(self):  # fastai's before_fit builds the CUDA ones; every other event is fastai's own code
+    def before_fit(self):  # fastai's before_fit builds the CUDA ones
         self.autocast, self.scales = autocast('cpu', dtype=torch.bfloat16), L()
         self.learn.scaler = self.cpu_scaler or GradScaler('cpu', init_scale=2. ** 8)
+        # Registered per fit, not per batch: a hook that removed hooks would break torch's loop over them.
+        self._remove_hooks()  # left by a fit that raised
+        model = self.learn.model
+        self._hooks = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._leave,
+                                                                                                 always_call=True)]
+
+    def before_batch(self): self._armed = True  # only the batch's own forward: after a failed fit the hooks stay inert
+    def after_loss(self): pass  # autocast was left when the forward ended
+    def after_fit(self): super().after_fit(); self._remove_hooks()
+
+    def _enter(self, *_):
+        if not self._armed: return
+        self._armed, self._inside = False, True
+        self.autocast.__enter__()
+
+    def _leave(self, *_):
+        if not self._inside: return
+        self._inside = False
+        self.autocast.__exit__(None, None, None)
+
+    def _remove_hooks(self):
+        for h in self._hooks: h.remove()
+        self._hooks = []
 
 
 @pytest.mark.parametrize('mode', ['bf16 model', 'fp16 model', 'bf16 autocast'])
 def test_half_activations_penalty_in_float32(mode):
     "Half activations: the added penalty equals the float64 formula on the very half tensors to float32 rounding."
     model, cbs = LSTMLM(), []
-    if mode == 'bf16 autocast': cbs.append(CPUMixedPrecision())
+    if mode == 'bf16 autocast':
+        require_bf16_autocast()
+        cbs.append(CPUMixedPrecision())
     else: model = model.to(torch.bfloat16 if mode == 'bf16 model' else torch.float16)
     cap, grab = Capture(model.lstm), LossSpy(stop=1)
     learn = Learner(lm_dls(), model, loss_func=zero_loss, opt_func=SGD, cbs=cbs + [TARCallback(2., 1.), grab])
@@ -92,6 +129,7 @@ class ScaledLoss(Callback):
 
 def test_mixed_precision_scales_loss_with_penalty():
     "Under fastai's MixedPrecision the penalty joins loss_grad in after_loss, before before_backward scales it."
+    require_bf16_autocast()
     events, scale = [], 2. ** 8
     scaler = RecordingScaler(events, init_scale=scale)
     model, tar, grab, after = LSTMLM(), TARCallback(2., 1.), LossSpy(stop=2), ScaledLoss()
@@ -111,6 +149,75 @@ def test_mixed_precision_scales_loss_with_penalty():
         assert unscaled.item() == pytest.approx(loss.item() + pen, rel=1e-6)  # the scaler saw the penalty
         assert scaled.item() == pytest.approx(scale * unscaled.item(), rel=1e-6)
     assert not torch.equal(flat_params(model), before)  # the scaler let the steps through
+
+
+class NoBF16LSTM(nn.LSTM):
+    "An nn.LSTM that fails under CPU autocast as oneDNN's does on a CPU without bf16 (AVX2 only), and works outside."
+    def forward(self, *args):
+        if torch.is_autocast_enabled('cpu'):
+            raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation primitive")
+        return super().forward(*args)
+
+
+def no_bf16_lm():
+    model = LSTMLM()
+    model.lstm = NoBF16LSTM(8, 16, batch_first=True)  # drawn from the RNG LSTMLM seeded: the same model every call
+    return model
+
+
+def test_mixed_precision_fit_that_raises_leaves_autocast():
+    "A forward that raises inside a mixed-precision fit leaves autocast: the next fit runs as if nothing had happened."
+    before = torch_state()
+    reference = sgd_step(no_bf16_lm(), lm_dls(), [TARCallback()])
+    with pytest.raises(RuntimeError, match='primitive descriptor'):
+        sgd_step(no_bf16_lm(), lm_dls(), [TARCallback(), CPUMixedPrecision()])
+    assert torch_state() == before
+    after = sgd_step(no_bf16_lm(), lm_dls(), [TARCallback()])  # raises if autocast is still on
+    assert torch.equal(after, reference)
+
+
+def test_torch_state_check_names_and_restores_what_a_test_left():
+    "The autouse `clean_torch_state` fixture's check: each changed setting is named, then put back."
+    before = torch_state()
+    torch.autocast('cpu', dtype=torch.float16).__enter__()  # what fastai's MixedPrecision left after a failed forward
+    torch.set_autocast_enabled('cuda', True)
+    torch.set_default_dtype(torch.float64)
+    torch.set_grad_enabled(False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(torch.get_num_threads() + 1)
+    changed = restore_torch_state(before)
+    assert torch_state() == before
+    assert {name for name, _, _ in changed} == {'autocast cpu', 'autocast cpu dtype', 'autocast nesting',
+                                                 'autocast cuda', 'default dtype', 'grad mode',
+                                                 'deterministic algorithms', 'num threads'}
+    assert ('autocast cpu', True, False) in changed
+    assert restore_torch_state(before) == []
+
+
+def test_bf16_probe_finds_what_onednn_reports():
+    "The probe never skips the bf16 tests where oneDNN can run them (its failure is shown by the test below)."
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported(): pytest.skip("oneDNN reports no bf16 on this CPU")
+    assert probe_bf16_autocast_lstm() is None
+
+
+@pytest.mark.slow
+def test_mixed_precision_tests_skip_with_reason_on_a_cpu_without_bf16(tmp_path):
+    """The tests that need bf16 autocast skip, with the reason, on a CPU without bf16, and the rest of the file's
+    mixed-precision tests pass: simulated by capping oneDNN at AVX2 (x86), which makes oneDNN refuse a bf16 LSTM
+    exactly as on an AVX2-only CPU, or else by the test suite's own switch."""
+    x86 = platform.machine().lower() in ('x86_64', 'amd64')
+    env = {k: v for k, v in os.environ.items() if k != NO_BF16_ENV}
+    env.update(OMP_NUM_THREADS='1', **({'ONEDNN_MAX_CPU_ISA': 'AVX2'} if x86 else {NO_BF16_ENV: '1'}))
+    tests = ['test_half_activations_penalty_in_float32', 'test_mixed_precision_scales_loss_with_penalty',
+             'test_mixed_precision_fit_that_raises_leaves_autocast']
+    run = subprocess.run([sys.executable, '-m', 'pytest', __file__, '-q', '-rs', '-p', 'no:cacheprovider',
+                          '--basetemp', str(tmp_path), '-k', ' or '.join(tests)],
+                         cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert '3 passed, 2 skipped' in run.stdout, run.stdout
+    reason = 'this CPU cannot run an LSTM under bf16 autocast: could not create a primitive descriptor' if x86 \
+        else f'{NO_BF16_ENV} is set'
+    assert reason in run.stdout, run.stdout
 
 
 # --- gradient accumulation ---------------------------------------------------------------------------------------
@@ -352,7 +459,8 @@ def test_data_parallel_model_hooks_inner_modules(names):
 
 
 def test_compiled_model_gets_the_penalty_of_the_plain_model():
-    "torch.compile (eager backend: dynamo's tracing, no code generation) around a fastai LM: hooks reach inside it."
+    """torch.compile (eager backend: dynamo's tracing, no code generation) around a fastai LM: the callback reads its
+    (logits, raw, dropped) output, outside the compiled graph."""
     runs = []
     for compiled in (False, True):
         model = tiny_lm()
@@ -362,7 +470,7 @@ def test_compiled_model_gets_the_penalty_of_the_plain_model():
                         loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1.), spy])
         torch.manual_seed(1)  # the same dropout masks in both runs
         quiet_fit(learn)
-        assert [t.module for t in learn.tar.targets] == [model[1].output_dp, model[0]]
+        assert [(t.kind, t.name, t.module) for t in learn.tar.targets] == [('ar', 'dropped', None), ('tar', 'raw', None)]
         assert hook_ids(model) == hooks
         assert spy.added[0] == penalty(2 * ref_ar(dropped.outputs[0]) + ref_tar(raw.outputs[0]))
         runs.append(spy.train[0])

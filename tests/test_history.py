@@ -1,5 +1,6 @@
-"The per-batch history frame and its plot (`fastai_tar/history.py`)."
+"The per-batch history (`PenaltyHistory`), its frame and its plot (`fastai_tar/history.py`)."
 import io
+import tracemalloc
 from types import SimpleNamespace
 
 import matplotlib
@@ -10,23 +11,27 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from fastai_tar.history import history_frame, plot_history, rows_to_cpu
+from fastai_tar import history
+from fastai_tar.history import PenaltyHistory, plot_history
 
 T = lambda kind, name: SimpleNamespace(kind=kind, name=name)
 
 
-def rows_for(terms, coefs, losses=None):
-    "History rows as the callback records them: loss and terms are tensors, coefficients floats."
+def log_of(terms, coefs, losses=None, flush_every=None):
+    "A history filled as the callback fills it: loss and terms are tensors, coefficients floats."
     losses = losses if losses is not None else [3. - 0.1 * i for i in range(len(terms))]
-    return [(i, torch.tensor(l), torch.tensor(t, dtype=torch.float32), c)
-            for i, (l, t, c) in enumerate(zip(losses, terms, coefs))]
+    log = PenaltyHistory(len(coefs[0]) if coefs else 0)
+    for i, (l, t, c) in enumerate(zip(losses, terms, coefs)):
+        log.add(i, torch.tensor(l), torch.tensor(t, dtype=torch.float32), c)
+        if flush_every and (i + 1) % flush_every == 0: log.flush()
+    return log
 
 
 def test_one_module_per_kind():
     targets = [T('ar', '1.output_dp'), T('tar', '0')]
     terms = [[0.02, 0.001], [0.01, 0.003], [0., 0.002]]
     coefs = [[2., 0.], [2., 0.5], [2., 1.]]
-    df = history_frame(rows_for(terms, coefs), targets)
+    df = log_of(terms, coefs).frame(targets)
     assert isinstance(df, pd.DataFrame)
     assert list(df.columns) == ['iter', 'loss', 'ar', 'tar', 'alpha', 'beta']
     assert df['iter'].tolist() == [0, 1, 2]
@@ -37,15 +42,16 @@ def test_one_module_per_kind():
 
 
 def test_per_batch_loss_is_the_mean_of_an_unreduced_loss():
-    rows = [(0, torch.tensor([1., 3.]), torch.tensor([0., 0.]), [0., 0.])]
-    assert history_frame(rows, [T('ar', 'a'), T('tar', 't')])['loss'].tolist() == [2.]
+    log = PenaltyHistory(2)
+    log.add(0, torch.tensor([1., 3.]), torch.tensor([0., 0.]), [0., 0.])
+    assert log.frame([T('ar', 'a'), T('tar', 't')])['loss'].tolist() == [2.]
 
 
 def test_several_modules_get_their_own_columns():
     targets = [T('ar', '0.hidden_dps.0'), T('ar', '1.output_dp'), T('tar', '0.rnns.0'), T('tar', '0.rnns.1')]
     terms = [[0.1, 0.2, 0.01, 0.02], [0.3, 0.4, 0.03, 0.04]]
     coefs = [[2., 2., 0.5, 1.], [2., 2., 0.5, 1.]]  # AR shares alpha, TAR has one beta per layer
-    df = history_frame(rows_for(terms, coefs), targets)
+    df = log_of(terms, coefs).frame(targets)
     assert list(df.columns) == ['iter', 'loss', 'ar', 'tar', 'alpha', 'beta',
                                 'ar:0.hidden_dps.0', 'ar:1.output_dp',
                                 'tar:0.rnns.0', 'tar:0.rnns.1', 'beta:0.rnns.0', 'beta:0.rnns.1']
@@ -57,25 +63,53 @@ def test_several_modules_get_their_own_columns():
     assert df['beta:0.rnns.0'].tolist() == [0.5, 0.5] and df['beta:0.rnns.1'].tolist() == [1., 1.]
 
 
-def test_rows_moved_to_cpu_in_one_go_keep_their_values():
+def test_flushing_in_any_pattern_keeps_every_row_in_order():
+    "Rows flushed once per 'epoch', never, or after every batch, with the buffer growing past its first size."
     targets = [T('ar', 'a'), T('tar', 't')]
-    rows = rows_for([[0.02, 0.001], [0.01, 0.003]], [[2., 1.], [2., 1.]])
-    moved = rows_to_cpu(rows)
-    assert [r[0] for r in moved] == [0, 1] and [r[3] for r in moved] == [[2., 1.], [2., 1.]]
-    assert all(r[1].device.type == 'cpu' and r[1].dim() == 0 for r in moved)
-    pd.testing.assert_frame_equal(history_frame(moved, targets), history_frame(rows, targets))
-    assert rows_to_cpu([]) == []
+    n = 150  # more than the first buffer holds
+    terms = [[0.01 * i, 0.001 * i] for i in range(n)]
+    coefs = [[2., 1. * i / n] for i in range(n)]
+    losses = [3. - 0.01 * i for i in range(n)]
+    frames = [log_of(terms, coefs, losses, flush_every=k).frame(targets) for k in (None, 1, 7, 100)]
+    for df in frames[1:]: pd.testing.assert_frame_equal(df, frames[0])
+    df = frames[0]
+    assert df['iter'].tolist() == list(range(n))
+    np.testing.assert_allclose(df['loss'], losses, rtol=1e-6)
+    np.testing.assert_allclose(df['tar'], [t for _, t in terms], rtol=1e-6)
+    assert df['beta'].tolist() == [c for _, c in coefs]
+
+
+def test_term_means_are_the_mean_of_the_rows_since_start():
+    log = log_of([[1., 10.], [3., 20.], [5., 60.]], [[2., 1.]] * 3)
+    np.testing.assert_allclose(log.term_means(0), [3., 30.])
+    np.testing.assert_allclose(log.term_means(1), [4., 40.])
+    assert log.term_means(3) is None
+
+
+def test_a_row_costs_36_bytes_for_one_ar_and_one_tar_term():
+    "iter (8) + loss (4) + 2 terms (4 each) + 2 coefficients (8 each), counted two ways: items and allocations."
+    n = 20_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        log = log_of([[0.1, 0.01]] * n, [[2., 1.]] * n, [2.] * n, flush_every=1000)
+        after = tracemalloc.take_snapshot()
+    finally: tracemalloc.stop()
+    assert log.nbytes == 36 * n
+    where = [tracemalloc.Filter(True, history.__file__)]
+    grown = sum(d.size_diff for d in after.filter_traces(where).compare_to(before.filter_traces(where), 'filename'))
+    assert 36 * n <= grown <= 1.2 * 36 * n  # the arrays' spare capacity is all that comes on top
 
 
 def test_no_batch_gives_the_columns_and_no_rows():
-    df = history_frame([], [T('ar', 'a'), T('tar', 't')])
+    df = PenaltyHistory(2).frame([T('ar', 'a'), T('tar', 't')])
     assert list(df.columns) == ['iter', 'loss', 'ar', 'tar', 'alpha', 'beta'] and len(df) == 0
 
 
 def test_plot_draws_loss_and_weighted_terms_headless():
     targets = [T('ar', 'a'), T('tar', 't')]
     terms = [[0.02 / (i + 1), 0.001 * i] for i in range(8)]
-    df = history_frame(rows_for(terms, [[2., 1.]] * 8), targets)
+    df = log_of(terms, [[2., 1.]] * 8).frame(targets)
     fig = plot_history(df)
     assert isinstance(fig, Figure)
     ax, pen = fig.axes  # the loss on the left axis, the much smaller penalties on a twin axis
@@ -89,13 +123,23 @@ def test_plot_draws_loss_and_weighted_terms_headless():
     assert buf.getvalue()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_saved_plot_keeps_every_label_inside_the_figure():
+    df = log_of([[0.02, 0.001 * i] for i in range(8)], [[2., 1.]] * 8).frame([T('ar', 'a'), T('tar', 't')])
+    fig = plot_history(df)
+    fig.canvas.draw()
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # in inches, around every artist incl. the right label
+    w, h = fig.get_size_inches()
+    assert 0 <= box.x0 and box.x1 <= w and 0 <= box.y0 and box.y1 <= h, (box.bounds, (w, h))
+    assert fig.axes[1].get_ylabel() == 'weighted penalty'
+
+
 def test_plot_leaves_out_a_term_that_is_off_and_uses_a_given_axes():
     import matplotlib.pyplot as plt
-    df = history_frame(rows_for([[0., 0.01]] * 3, [[0., 1.]] * 3), [T('ar', 'a'), T('tar', 't')])
+    df = log_of([[0., 0.01]] * 3, [[0., 1.]] * 3).frame([T('ar', 'a'), T('tar', 't')])
     fig, ax = plt.subplots()
     assert plot_history(df, ax=ax) is fig
     assert [l.get_label() for a in fig.axes for l in a.get_lines()] == ['loss', 'tar (weighted)']
 
 
 def test_plot_without_history_says_to_fit_first():
-    with pytest.raises(ValueError, match='fit'): plot_history(history_frame([], [T('ar', 'a'), T('tar', 't')]))
+    with pytest.raises(ValueError, match='fit'): plot_history(PenaltyHistory(2).frame([T('ar', 'a'), T('tar', 't')]))

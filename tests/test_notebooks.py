@@ -9,7 +9,8 @@ NBS = sorted((Path(__file__).parent.parent / 'nbs').glob('*.ipynb'))
 
 
 def test_the_notebooks_are_there():
-    assert [p.name for p in NBS] == ['01_quickstart.ipynb', '02_beta_sweep.ipynb', '03_beyond_awd_lstm.ipynb']
+    assert [p.name for p in NBS] == ['01_quickstart.ipynb', '02_beta_sweep.ipynb', '03_beyond_awd_lstm.ipynb',
+                                     '04_fastai_book.ipynb']
 
 
 @pytest.mark.parametrize('path', NBS, ids=lambda p: p.stem)

@@ -87,21 +87,23 @@ def test_bad_specs_raise_clear_errors():
 def test_read_output_forms():
     h = torch.randn(3, 5, 4)
     lstm_sf, lstm_bf = nn.LSTM(4, 4), nn.LSTM(4, 4, batch_first=True)
-    assert read_output(lstm_sf, (h, None), 1)[2] == 0
-    assert read_output(lstm_bf, (h, None), 0)[2] == 1
-    assert read_output(lstm_sf, (h[0], None), 1)[2] == 0  # unbatched (L, H)
-    out, mask, sd = read_output(nn.Identity(), h, 1)
-    assert out is h and mask is None and sd == 1
+    assert read_output(lstm_sf, (h, None))[2] == 0
+    assert read_output(lstm_bf, (h, None))[2] == 1
+    assert read_output(lstm_bf, (h, None), -2)[2] == 1  # the user may say so too
+    assert read_output(lstm_sf, (h[0], None))[2] == 0  # unbatched (L, H)
+    out, mask, sd = read_output(nn.Identity(), h)
+    assert out is h and mask is None and sd == 1  # a custom module: batch-first unless seq_dim says otherwise
+    assert read_output(nn.Identity(), h, 0)[2] == 0
 
     lengths = torch.tensor([5, 2, 1])
     packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True)
-    out, mask, sd = read_output(lstm_bf, (packed, None), 0)
+    out, mask, sd = read_output(lstm_bf, (packed, None))
     assert sd == 1 and out.shape == (3, 5, 4)
     assert mask.tolist() == [[True] * 5, [True, True] + [False] * 3, [True] + [False] * 4]
 
     enc = get_text_classifier(AWD_LSTM, VOCAB, 2, config=tiny_config(clas=True))[0]
     pad = torch.zeros(3, 5, dtype=torch.bool); pad[0, :2] = True
-    out, mask, sd = read_output(enc, (h, pad), 0)
+    out, mask, sd = read_output(enc, (h, pad))
     assert torch.equal(mask, ~pad) and sd == 1
 
     for bad in ({'h': h}, torch.ones(3, 5, dtype=torch.long), torch.randn(5)):
