@@ -306,16 +306,13 @@ class _SquaredDiffSum(_PenaltySum):
 
 
 # --- public API -------------------------------------------------------------------------------------
-_is_compiling = getattr(torch.compiler, 'is_compiling', lambda: False)  # (torch < 2.3 lacks it)
-
-
 def _apply(fn, h: Tensor, mask, seq_dim: int, mean: bool) -> Tensor:
     "`fn` on `h`: the lean blocked function eagerly, its plain expression where a compiler or torch.func transforms"
     # Inside `torch.compile` the plain expression is traced, so that the compiler fuses it into the user's graph
     # (the blocked code's `out=` writes into scratch buffers would break the graph). Under `torch.func` (grad, vmap,
     # jacrev, jvp) it is composed of ops that every transform knows. The test is cheap, and `is_compiling()` comes
     # first so that the compiler reads a constant and never sees the functorch query.
-    if _is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         total = fn.plain(h, mask, seq_dim)
         return mean_of(total, fn.count(h, mask, seq_dim)) if mean else total
     return fn.apply(h, mask, seq_dim, mean)
