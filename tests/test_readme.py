@@ -123,3 +123,15 @@ def test_distributed_extra_is_declared_and_named():
     project = tomllib.loads((README.parent / 'pyproject.toml').read_text())['project']
     assert any(r.startswith('accelerate') for r in project['optional-dependencies']['distributed'])
     assert 'pip install "fastai_tar[distributed]"' in README.read_text(encoding='utf-8')
+
+
+def test_every_test_the_readme_names_exists():
+    "The README backs its claims with `file::test` names: each must be a test in tests/, or the claim is unbacked"
+    text = README.read_text(encoding='utf-8')
+    named = set(re.findall(r'`(test_\w+)::(test_\w+)', text))
+    assert len(named) >= 30
+    defined = {(p.stem, n) for p in (README.parent / 'tests').glob('test_*.py')
+               for n in re.findall(r'^def (test_\w+)', p.read_text(encoding='utf-8'), re.M)}
+    assert named - defined == set()
+    bare = set(re.findall(r'`(test_\w+)`', text))
+    assert bare <= {n for _, n in defined} | {p.stem for p in (README.parent / 'tests').glob('test_*.py')}
