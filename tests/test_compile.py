@@ -54,10 +54,10 @@ def padded_classifier():
     return get_text_classifier(AWD_LSTM, VOCAB, 2, seq_len=12, config=tiny_config(clas=True))
 
 
-def loss_grads(make, dls, backend=None, n=3, **tar):
+def loss_grads(make, dls, backend=None, n=3, mode=None, **tar):
     "Per-batch loss_grad of the first `n` training batches, the model compiled with `backend` (None: eager)."
     model, spy = make(), LossSpy(stop=n)
-    learn = Learner(dls, model if backend is None else torch.compile(model, backend=backend),
+    learn = Learner(dls, model if backend is None else torch.compile(model, backend=backend, mode=mode),
                     loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=[TARCallback(2., 1., **tar), spy])
     torch.manual_seed(1)  # the same dropout masks in both runs (inductor draws them as eager does: fallback_random)
     with inductor_config.patch(fallback_random=True): quiet_fit(learn)
@@ -80,6 +80,17 @@ def test_inductor_trains_with_the_eager_penalty(case):
     compiled, _ = loss_grads(make, dls(), backend='inductor')
     assert compiled == [pytest.approx(g, abs=1e-5) for g in eager]
     assert min(added) > 1e-3  # the penalty is far above the tolerance: a compiled run without it would fail
+
+
+@needs_cxx
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['reduce-overhead', 'max-autotune'])
+def test_inductor_modes_train_with_the_eager_penalty(mode):
+    "torch.compile's other modes on a CPU (CUDA graphs and GEMM autotuning do not apply there, the rest does)"
+    make, dls = CASES['lstm_batch_first']
+    eager, added = loss_grads(make, dls(), n=2)
+    compiled, _ = loss_grads(make, dls(), backend='inductor', mode=mode, n=2)
+    assert compiled == [pytest.approx(g, abs=1e-5) for g in eager] and min(added) > 1e-3
 
 
 @pytest.mark.slow
