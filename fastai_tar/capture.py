@@ -14,7 +14,10 @@ from fastai.learner import Learner
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ['Call', 'ForwardCapture']
+from .functional import ar_sum_count, tar_sum_count
+from .targets import read_output
+
+__all__ = ['Call', 'ForwardCapture', 'call_sums', 'not_called_message']
 
 _ONE_BATCH = Learner.one_batch.__code__  # the frame of a fastai batch, whatever callbacks run in it
 
@@ -81,6 +84,49 @@ class ForwardCapture:
         for t in _tensors(pred):
             if t in self.by_output: return self.by_output[t]
         return []
+
+
+_SUM_COUNT = {'ar': ar_sum_count, 'tar': tar_sum_count}
+
+
+def call_sums(
+    calls: list,  # `ForwardCapture.calls_for(learn.pred)`
+    groups: list,  # the targets of each hooked module, in the order given to `ForwardCapture.start`
+    seq_dim: int | None,  # `TARCallback(seq_dim=...)`: the time axis of TAR's modules
+    needs_grad: bool,  # a training forward with gradient on: a call without gradient could not train its module
+) -> dict:
+    "(sum, count) of each target over `calls`"
+    stats = {}
+    for call in calls:
+        targets = groups[call.group]
+        if needs_grad and not call.grad_enabled:
+            raise RuntimeError(
+                f"TARCallback: {targets[0].name or '<model>'} ({type(targets[0].module).__name__}) ran without "
+                "gradient inside the training forward, so the penalty could not train it. "
+                "torch.utils.checkpoint(..., use_reentrant=True) does this: use use_reentrant=False")
+        # seq_dim is the user's word on the time axis of TAR's modules; AR has no time axis to check
+        sd = seq_dim if any(t.kind == 'tar' for t in targets) else None
+        h, mask, sd = read_output(call.module, call.output, sd)
+        for t in targets:
+            s, n = _SUM_COUNT[t.kind](h, mask, sd)
+            if t in stats:  # a module called several times per forward: pool its calls into one mean
+                s0, n0 = stats[t]
+                s, n = s0 + s.to(s0.device), n0 + (n.to(s0.device) if isinstance(n, torch.Tensor) else n)
+            stats[t] = (s, n)
+    return stats
+
+
+def not_called_message(
+    missing: list,  # names of the hooked modules the forward did not call
+    model: nn.Module,  # the learner's model
+) -> str:
+    head = f"TARCallback hooked {missing} but the forward that made learn.pred did not call them"
+    if any(hasattr(m, '_orig_mod') for m in model.modules()):
+        # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards)
+        return (f"{head}: learn.model is compiled (torch.compile) and its compiled code was traced before the "
+                "callback added its hooks, so it does not call them. Call torch.compiler.reset() before this fit, "
+                "or attach TARCallback before the compiled model's first forward")
+    return f"{head}: pass modules= / ar_modules= naming modules that run in forward"
 
 
 def _in_one_batch() -> bool:

@@ -272,7 +272,7 @@ def test_history_moves_to_the_host_once_per_epoch_and_keeps_one_buffer():
         def before_fit(self): self.seen = []
         def after_batch(self):
             if self.training:
-                log = self.learn.tar._log
+                log = self.learn.tar._report.log
                 self.seen.append((len(log.values), log._n_buf, id(log._buf)))
     tar, watch = TARCallback(), Watch()
     learn = tiny_learner(tar, cbs=[watch])
@@ -282,7 +282,7 @@ def test_history_moves_to_the_host_once_per_epoch_and_keeps_one_buffer():
     assert [v for v, _, _ in per_epoch[1]] == [3 * N_BATCHES] * N_BATCHES  # loss, ar, tar of each first-epoch batch
     assert [n for _, n, _ in watch.seen] == list(range(1, N_BATCHES + 1)) * 2
     assert len({b for _, _, b in per_epoch[0]}) == 1  # one buffer per epoch, not a tensor per batch
-    assert len(tar.history) == 2 * N_BATCHES and tar._log._buf is None
+    assert len(tar.history) == 2 * N_BATCHES and tar._report.log._buf is None
 
 
 # --- schedules -----------------------------------------------------------------------------------------------
