@@ -203,7 +203,8 @@ class TARCallback(Callback):
         given += [f"{k}={describe_modules(getattr(self, k))}" for k in ('modules', 'ar_modules')
                   if getattr(self, k) is not None]
         given += [f"{k}={getattr(self, k)!r}" for k, default in
-                  (('all_layers', False), ('seq_dim', None), ('valid_metrics', False), ('show_columns', True))
+                  (('all_layers', False), ('seq_dim', None), ('valid_metrics', False), ('show_columns', True),
+                   ('contract', None))
                   if getattr(self, k) != default]
         head = f"TARCallback({', '.join(given)})"
         if self.learn is None: return head

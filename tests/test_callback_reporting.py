@@ -413,6 +413,7 @@ def test_unattached_repr_shows_what_was_passed():
     assert repr(tar) == ("TARCallback(alpha=2.0, beta=1.0, modules='x', ar_modules=[LSTM, 'y'], seq_dim=0, "
                          "show_columns=False)")
     assert repr(TARCallback(modules={'0.rnns.0': .5})) == "TARCallback(alpha=2.0, beta=1.0, modules={'0.rnns.0': 0.5})"
+    assert repr(TARCallback(contract=False)) == "TARCallback(alpha=2.0, beta=1.0, contract=False)"
 
 
 def test_repr_of_several_layers_and_a_term_that_is_off():
