@@ -1,4 +1,5 @@
 "`TARCallback`: AR and TAR of hooked recurrent activations, added to a fastai learner's training loss."
+import weakref
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from .history import plot_history
 from .places import FastaiRegularizerSwitch, describe_places, read_batch_contract
 from .reporting import PenaltyReport
 from .schedule import coef_at, describe_coef
-from .targets import COEF_ARG, check_arguments, describe_modules, find_targets
+from .targets import COEF_ARG, NothingToRegularize, check_arguments, describe_modules, find_targets
 
 __all__ = ['TARCallback']
 
@@ -24,7 +25,7 @@ class TARCallback(Callback):
     # validation too: after_pred strips fastai's (logits, raw, dropped) tuple there as well.
     order, run_valid = GradientAccumulation.order - 1, True
     # Per-batch and per-fit state: not pickled by `learn.export()`, rebuilt by `_init_state`.
-    _stateattrs = ('_report', '_stats', '_capture', '_groups')
+    _stateattrs = ('_report', '_stats', '_batch_output', '_capture', '_groups', '_decided_for')
 
     def __init__(self,
         alpha: Any = 2.,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or a list
@@ -49,6 +50,7 @@ class TARCallback(Callback):
 
     def _init_state(self):
         self._report, self._capture, self._groups = PenaltyReport(), ForwardCapture(), []
+        self._decided_for = None  # a weak reference to the model the places were chosen for
         self._clear_batch()
 
     @property
@@ -76,21 +78,29 @@ class TARCallback(Callback):
         # `learn.validate()` and `get_preds()` send before_fit/after_fit too: they must keep the last fit's history.
         if self._in_validation_context(): return
         self._report.new_fit()
-        # With no module named, a model returning (logits, raw, dropped) is read there: known at the first forward.
-        self._reads_output = None if self.modules is None and self.ar_modules is None and self.contract is not False \
-            else False
-        self._no_places = None
-        try: self._use(self._find())
-        except ValueError as e:  # nothing to hook, but the model may return the contract: the first forward says
-            if self._reads_output is False: raise
-            self._no_places = e
-            self._use(output_targets(self.alpha, self.beta, 1, False))
+        # The places are chosen once per model: a later fit, and `learn.summary()` (which sends before_fit outside
+        # the lock), keep what the first one chose; a new `learn.model` is looked at afresh.
+        if self._decided_for is not None and self._decided_for() is self.learn.model: self._use(self.targets)
+        else: self._choose_candidates()
         self._fastai_regularizer.silence(self.learn.cbs)
         if self._reads_output is False: self._fastai_regularizer.warn_if_places_differ(self.targets)
         # A second TARCallback (one per model part) gets columns of its own: `train_tar_2`, ...
         ours = [cb for cb in self.learn.cbs if isinstance(cb, TARCallback)]
         suffix = f'_{ours.index(self) + 1}' if self in ours and ours.index(self) else ''
         self._report.add_columns(self.learn, suffix, self.show_columns, self.valid_metrics)
+
+    def _choose_candidates(self):
+        "The places found from the model's structure; with no module named, the first forward may pick the contract"
+        self._decided_for = weakref.ref(self.learn.model)
+        self._reads_output = None if self.modules is None and self.ar_modules is None and self.contract is not False \
+            else False
+        self._no_places = None
+        try: self._use(self._find())
+        except NothingToRegularize as e:  # nothing to hook, but the model may return the contract: its forward says
+            if self._reads_output is False: raise
+            self._no_places = e
+            n_layers = max([len(c) for c in (self.alpha, self.beta) if isinstance(c, (list, tuple))], default=1)
+            self._use(output_targets(self.alpha, self.beta, n_layers, self.all_layers))
 
     def _use(self, targets):
         "Regularize `targets` from now on: at `before_fit`, or at the fit's first forward, before any row is logged."
@@ -130,7 +140,7 @@ class TARCallback(Callback):
     def _remove_hooks(self): self._capture.stop()
 
     def _clear_batch(self):
-        self._stats = {}
+        self._stats, self._batch_output = {}, None
 
     # --- the penalty ---------------------------------------------------------------------------------
     def after_pred(self):
@@ -141,12 +151,14 @@ class TARCallback(Callback):
         found = read_batch_contract(self.learn, self.contract)
         if found is None: check_loss_input(self.learn.pred, self.learn.loss_func, self.contract)
         else: self.learn.pred = found.logits  # the loss sees the logits, as with fastai's RNNCallback
+        self._batch_output = found  # for a second TARCallback, which sees only the logits now
         if self._reads_output is None and not self._in_validation_context(): self._choose_places(found)
-        if not self._reads_output: return
+        targets = self._capture_now() if self._reads_output else []
+        if not targets: return  # e.g. validation without valid_metrics: a model may return plain logits in eval
         if found is None:
             raise TypeError("TARCallback read AR/TAR from the model's (logits, raw, dropped) at the first batch, but "
                             "now the model returned something else; pass modules= / ar_modules= to hook modules")
-        for t in self._capture_now(): self._stats[t] = output_sums(t, found)
+        for t in targets: self._stats[t] = output_sums(t, found)
 
     def _choose_places(self, found):
         "At a fit's first forward: read the contract (no hooks from then on), or keep the hooked places."
@@ -154,7 +166,7 @@ class TARCallback(Callback):
                                                                 self.contract is True)
         if self._reads_output:
             self._use(output_targets(self.alpha, self.beta, len(found.raw), self.all_layers))
-            self._clear_batch()  # the sums of this batch's hooks
+            self._stats = {}  # the sums of this batch's hooks
         elif self._no_places is not None: raise self._no_places
         self._fastai_regularizer.warn_if_places_differ(self.targets)
 

@@ -8,6 +8,7 @@ became `learn.pred`, whatever other forwards callbacks ran in the same batch, an
 activations with its output.
 """
 import sys
+import weakref
 
 import torch
 from fastai.learner import Learner
@@ -19,7 +20,9 @@ from .targets import read_output
 
 __all__ = ['Call', 'ForwardCapture', 'call_sums', 'not_called_message']
 
-_ONE_BATCH = Learner.one_batch.__code__  # the frame of a fastai batch, whatever callbacks run in it
+# Frames of fastai's training loop: `_with_events` runs every fit, epoch and batch (also of a Learner subclass
+# that writes its own `one_batch`), `_do_one_batch` calls the model.
+_LOOP = {Learner._with_events.__code__, Learner.one_batch.__code__, Learner._do_one_batch.__code__}
 
 
 class Call:
@@ -49,6 +52,7 @@ class ForwardCapture:
     def __init__(self):
         self.current = None  # the calls of the root forward in progress; None outside one
         self.by_output = WeakTensorKeyDictionary()
+        self.last = []  # weak references to the output tensors of the last root forward that ended
         self.handles = []
 
     def start(self, model: nn.Module, modules: list):
@@ -61,15 +65,15 @@ class ForwardCapture:
     def stop(self):
         "Remove every hook and forget every forward."
         for h in self.handles: h.remove()
-        self.handles, self.current = [], None
+        self.handles, self.current, self.last = [], None, []
         self.by_output = WeakTensorKeyDictionary()
 
     def _root(self, model, args, *output):
         if not output:  # the pre-hook: a root forward starts
-            # Outside fastai's `one_batch` the hooks are left over from a fit that an exception or a Ctrl-C ended
+            # Outside fastai's loop the hooks are left over from a fit that an exception or a Ctrl-C ended
             # between before_batch and after_pred: no event of ours followed (fastai's `_with_events` has no
             # `finally`, torch's always_call hooks run for `Exception` only). This forward is no training step.
-            if not _in_one_batch(): return self.stop()
+            if not _in_fastai_loop(): return self.stop()
             self.current = []
             return
         calls, self.current = self.current, None
@@ -77,12 +81,17 @@ class ForwardCapture:
         # ours may follow to remove the hooks
         if output[0] is None: return self.stop()
         if calls is None: return
+        self.last = [weakref.ref(t) for t in _tensors(output[0])]
         for t in _tensors(output[0]): self.by_output[t] = calls
 
     def calls_for(self, pred):
         "The calls of the forward that returned `pred` (or a tensor in it); [] if no hooked forward did."
         for t in _tensors(pred):
             if t in self.by_output: return self.by_output[t]
+        # A callback made `pred` from the output (a view, a reshape): the last forward's, while its output lives
+        for r in self.last:
+            t = r()
+            if t is not None and t in self.by_output: return self.by_output[t]
         return []
 
 
@@ -129,10 +138,10 @@ def not_called_message(
     return f"{head}: pass modules= / ar_modules= naming modules that run in forward"
 
 
-def _in_one_batch() -> bool:
+def _in_fastai_loop() -> bool:
     f = sys._getframe(2)
     while f is not None:
-        if f.f_code is _ONE_BATCH: return True
+        if f.f_code in _LOOP: return True
         f = f.f_back
     return False
 

@@ -109,7 +109,8 @@ def output_targets(
         if len(coefs) != len(layers):
             raise ValueError(f"{arg} has {len(coefs)} coefficients but TARCallback reads {len(layers)} layer(s) of "
                              f"the model's {base} output: give one per layer, or a single number")
-        targets += [OutputTarget(kind, f'{base}.{i}' if all_layers else base, None, c, i) for i, c in zip(layers, coefs)]
+        targets += [OutputTarget(kind, f'{base}.{i}' if all_layers else base, None, c, i)
+                    for i, c in zip(layers, coefs)]
     return targets
 
 

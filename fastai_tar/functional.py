@@ -32,8 +32,8 @@ ROW_MAX = 1 << 16
 # and gradients are computed in float32 and rounded once. (float8_e8m0fnu, a scale format, has neither zero nor
 # sign, and packed float4 no conversion kernel: no gradient could be stored in them.)
 _ARITH = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_DTYPES = _ARITH + tuple(getattr(torch, d) for d in
-                                  ('float8_e4m3fn', 'float8_e4m3fnuz', 'float8_e5m2', 'float8_e5m2fnuz') if hasattr(torch, d))
+_FLOAT8 = ('float8_e4m3fn', 'float8_e4m3fnuz', 'float8_e5m2', 'float8_e5m2fnuz')
+SUPPORTED_DTYPES = _ARITH + tuple(getattr(torch, d) for d in _FLOAT8 if hasattr(torch, d))
 
 
 def _acc_dtype(h: Tensor) -> torch.dtype:

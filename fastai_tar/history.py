@@ -56,7 +56,8 @@ class PenaltyHistory:
     def _arrays(self) -> tuple:
         self.flush()
         n = len(self)
-        return (np.frombuffer(self.iters, dtype=np.int64), np.frombuffer(self.values, np.float32).reshape(n, 1 + self.n_terms),
+        return (np.frombuffer(self.iters, dtype=np.int64),
+                np.frombuffer(self.values, np.float32).reshape(n, 1 + self.n_terms),
                 np.frombuffer(self.coefs, np.float64).reshape(n, self.n_terms))
 
     def term_means(self,

@@ -18,6 +18,9 @@ def read_batch_contract(
 ):
     "The batch's (logits, raw, dropped); fastai's RNNCallback, if kept, has already split it (last layer only)."
     if contract is False: return None
+    for cb in learn.cbs:  # another TARCallback may have read it already and handed the loss the logits
+        found = getattr(cb, '_batch_output', None)
+        if found is not None and found.logits is learn.pred: return found
     rnn = next((cb for cb in learn.cbs if isinstance(cb, RNNCallback)), None)
     pred = learn.pred if rnn is None else (learn.pred, rnn.raw_out, rnn.out)
     return read_contract(pred, force=contract is True)
@@ -73,6 +76,6 @@ class FastaiRegularizerSwitch:
                    for t in targets)
         if same: return
         warnings.warn("TARCallback regularizes " + '; '.join(map(repr, targets)) + ", where the RNNRegularizer "
-                      "it switches off would have used AR on the last layer's dropped output (output[2]) and TAR on its "
-                      "raw output (output[1]): because of modules=, ar_modules= or all_layers=True", stacklevel=2)
+                      "it switches off would have used AR on the last layer's dropped output (output[2]) and TAR on "
+                      "its raw output (output[1]): because of modules=, ar_modules= or all_layers=True", stacklevel=2)
         self.warned_places = True

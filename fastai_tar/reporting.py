@@ -16,6 +16,7 @@ class PenaltyReport:
     def __init__(self):
         self.log, self.valid_sums, self.epoch_start, self.columns = PenaltyHistory(0), {}, None, []
         self.targets, self.train_targets = [], []  # what is reported, and those of them that train
+        self.log_targets = []  # what the rows of `log` hold: a fit that never trained keeps the last one's
         self.fresh = False  # a fit began: its history starts at its first training epoch
 
     def new_fit(self):
@@ -25,11 +26,14 @@ class PenaltyReport:
     def use(self, targets, train_targets):
         "Report `targets`: at `before_fit`, or at a fit's first forward (the contract read), before any row is logged."
         self.targets, self.train_targets = targets, train_targets
-        if not self.fresh: self.log = PenaltyHistory(len(targets))
+        if not self.fresh: self._new_log()
 
     def before_train(self):
-        if self.fresh: self.log, self.fresh = PenaltyHistory(len(self.targets)), False
+        if self.fresh: self._new_log()
         self.epoch_start = len(self.log)
+
+    def _new_log(self):
+        self.log, self.log_targets, self.fresh = PenaltyHistory(len(self.targets)), self.targets, False
 
     def after_train(self): self.log.flush()  # one transfer per epoch: no per-batch tensor stays on the device
 
@@ -83,4 +87,4 @@ class PenaltyReport:
 
     def frame(self):
         "One row per training batch of the last fit: see `PenaltyHistory.frame`"
-        return self.log.frame(self.targets)
+        return self.log.frame(self.log_targets)

@@ -26,6 +26,7 @@ def coef_at(
 def check_coef(coef, arg: str):
     "Reject a bad coefficient (or any bad one of a list or dict) when it is given, not at the first batch."
     values = coef.values() if isinstance(coef, dict) else coef if isinstance(coef, (list, tuple)) else [coef]
+    if not values: raise ValueError(f"{arg}={coef!r} has no coefficient: give a number, a schedule, or one per module")
     for c in values:
         if isinstance(c, bool) or not (callable(c) or isinstance(c, Real)): raise _bad(arg, c)
         # Both ends of training: a linear or cosine schedule that goes negative does so at one of them.

@@ -18,13 +18,17 @@ from fastai.text.models.core import LinearDecoder, SentenceEncoder
 
 from .schedule import check_coef, describe_coef
 
-__all__ = ['COEF_ARG', 'Target', 'unwrap_model', 'check_arguments', 'check_modules', 'check_seq_dim',
-           'describe_modules', 'find_targets', 'read_output']
+__all__ = ['NothingToRegularize', 'COEF_ARG', 'Target', 'unwrap_model', 'check_arguments', 'check_modules',
+           'check_seq_dim', 'describe_modules', 'find_targets', 'read_output']
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
 COEF_ARG = {'ar': 'alpha', 'tar': 'beta'}  # the argument that weights each kind
+
+
+class NothingToRegularize(ValueError):
+    "The model has no module that TARCallback knows to read: a model returning fastai's contract may still be read."
 
 
 @dataclass(eq=False)
@@ -76,7 +80,7 @@ def _default_places(model: nn.Module, all_layers: bool) -> tuple[list, list]:
         return tar, ar + (last_dropped or tar[-1:])
     rnns = _named(model, nn.RNNBase)
     if rnns: return (rnns, rnns) if all_layers else (rnns[-1:], rnns[-1:])
-    raise ValueError(
+    raise NothingToRegularize(
         f"TARCallback found nothing to regularize in {type(model).__name__}: it looked for a fastai "
         "SentenceEncoder (classifier), an AWD_LSTM (language model) and an nn.LSTM/nn.GRU/nn.RNN. Name the "
         "module(s) whose output is the recurrent activation: TARCallback(modules=['encoder.rnn']) with names "

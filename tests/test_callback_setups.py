@@ -120,13 +120,15 @@ def test_summary_and_listing_callbacks_change_nothing():
     learn = Learner(lm_dls(), tiny_lm(), loss_func=CrossEntropyLossFlat(), cbs=TARCallback(valid_metrics=True))
     quiet_fit(learn)
     history, hooks, metrics = learn.tar.history, hook_ids(learn.model), list(learn.metrics)
+    places, text = learn.tar.places, repr(learn.tar)
     assert len(history) == len(learn.dls.train)
     assert 'LSTM' in learn.summary()
     pd.testing.assert_frame_equal(learn.tar.history, history)
     assert hook_ids(learn.model) == hooks and list(learn.metrics) == metrics
+    assert learn.tar.places == places and repr(learn.tar) == text  # what the fit read: the model's output
     with redirect_stdout(io.StringIO()) as out: learn.show_training_loop()
     assert len(out.getvalue().splitlines()) == len(_loop)  # one line per event: our repr is one line
-    assert 'TARCallback(alpha=2.0, beta=1.0, valid_metrics=True): AR 1.output_dp' in out.getvalue()
+    assert 'TARCallback(alpha=2.0, beta=1.0, valid_metrics=True): AR dropped (output[2])' in out.getvalue()
     assert '\n' not in repr(learn.cbs)
 
 

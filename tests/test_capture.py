@@ -18,7 +18,7 @@ def model():
 
 def test_calls_are_filed_under_the_output_of_their_forward(monkeypatch):
     "Two forwards: each output finds its own calls; a forward whose output is dropped frees what it captured."
-    monkeypatch.setattr(capture, '_in_one_batch', lambda: True)  # as inside fastai's one_batch
+    monkeypatch.setattr(capture, '_in_fastai_loop', lambda: True)  # as inside fastai's training loop
     m, cap = model(), ForwardCapture()
     cap.start(m, [m[1]])
     x1, x2 = torch.randn(2, 3), torch.randn(5, 3)
@@ -45,7 +45,7 @@ def test_a_forward_outside_fastais_batch_removes_the_hooks_and_records_nothing()
 
 
 def test_copies_and_pickles_of_a_hooked_model_carry_inert_taps(monkeypatch):
-    monkeypatch.setattr(capture, '_in_one_batch', lambda: True)
+    monkeypatch.setattr(capture, '_in_fastai_loop', lambda: True)
     m, cap = model(), ForwardCapture()
     cap.start(m, [m[1]])
     for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
