@@ -180,7 +180,7 @@ def ref_sums(h, valid=None, seq_dim=1):
     """float64 (sum of squares, its count, sum of squared steps, its count) of `h` over its real positions.
     `valid` (shape h.shape[:-1], True = real) keeps a position for AR and a pair of neighbours along `seq_dim`
     for TAR only when both are real; every feature counts."""
-    h = h.double().movedim(seq_dim, -2)
+    h = h.detach().double().movedim(seq_dim, -2)
     valid = torch.ones(h.shape[:-1], dtype=torch.bool) if valid is None else valid.movedim(seq_dim, -1)
     pairs = valid[..., 1:] & valid[..., :-1]
     sq = (h.pow(2).sum(-1) * valid).sum()
