@@ -81,8 +81,9 @@ class ForwardCapture:
         # ours may follow to remove the hooks
         if output[0] is None: return self.stop()
         if calls is None: return
-        self.last = [weakref.ref(t) for t in _tensors(output[0])]
-        for t in _tensors(output[0]): self.by_output[t] = calls
+        outs = _tensors(output[0])
+        self.last = [weakref.ref(t) for t in outs]
+        for t in outs: self.by_output[t] = calls
 
     def calls_for(self, pred):
         "The calls of the forward that returned `pred` (or a tensor in it); [] if no hooked forward did."

@@ -69,6 +69,11 @@ def _pair_mask(mask: Tensor, seq_dim: int) -> Tensor:
     return mask.narrow(seq_dim, 0, n) & mask.narrow(seq_dim, 1, n)
 
 
+def _valid_pairs(h: Tensor, mask: Tensor | None, seq_dim: int) -> Tensor | None:
+    "The pair mask of `h`'s steps; None without a mask, or with no pair to mask"
+    return _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
+
+
 def _ar_count(h, mask, seq_dim=None):  # (seq_dim unused: the signature of `_tar_count`)
     return h.numel() if mask is None else mask.sum() * h.shape[-1]
 
@@ -256,19 +261,19 @@ class _SquaredDiffSum(_PenaltySum):
 
     @staticmethod
     def plain(h, mask, seq_dim):
-        pairs = _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
+        pairs = _valid_pairs(h, mask, seq_dim)
         return _fill(torch.diff(h.to(_acc_dtype(h)), dim=seq_dim), pairs).square().sum()
 
     @staticmethod
     def tangent(h, h_t, mask, seq_dim):
         acc = _acc_dtype(h)
-        pairs = _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
+        pairs = _valid_pairs(h, mask, seq_dim)
         d, d_t = torch.diff(h.to(acc), dim=seq_dim), torch.diff(h_t.to(acc), dim=seq_dim)
         return 2 * _fill(d * d_t, pairs).sum()
 
     @staticmethod
     def forward(h, mask, seq_dim, mean):
-        pairs = _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
+        pairs = _valid_pairs(h, mask, seq_dim)
 
         def block_rows(scratch, hp, a, k):
             # differences are taken in float32 (or float64): in half precision they would round (fp16: overflow)
@@ -284,7 +289,7 @@ class _SquaredDiffSum(_PenaltySum):
         # and last steps see one difference, the others two. Each block makes u = 2*w*d once for its steps.
         T = h.shape[sd]
         if T < 2: return torch.zeros_like(h)
-        pairs = None if mask is None else _pair_mask(mask, sd)
+        pairs = _valid_pairs(h, mask, sd)
         steps, pieces, numel = _plan(h, sd)
         grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
         for p in pieces:
