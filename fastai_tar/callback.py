@@ -1,187 +1,272 @@
-"`TARCallback`: AR and TAR of hooked recurrent activations, added to a fastai learner's training loss."
-import weakref
+"`TARCallback`: AR and TAR of recurrent activations, added to a fastai learner's training loss."
+import functools
+import sys
+import warnings
 from typing import Any
 
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
+from fastai.learner import Learner
 from fastcore.basics import PrettyString, store_attr
+from torch.nn.utils.rnn import PackedSequence
 
-from .capture import ForwardCapture, call_sums, not_called_message
-from .contract import OutputTarget, check_loss_input, output_sums, output_targets, reads_output
+from .arguments import ALPHA, BETA, check_arguments, coef_objects, describe_modules
+from .capture import ForwardCapture, read_tensors, term_sums
+from .fastai_interop import (RECURRENT, FastaiRegularizerSwitch, certain_contract, check_loss_input, describe,
+                             rnn_callback_output)
 from .functional import mean_of
 from .history import plot_history
-from .places import FastaiRegularizerSwitch, describe_places, read_batch_contract
+from .plan import KINDS, Request, describe_candidates, settle, unwrap_model, watched_modules
 from .reporting import PenaltyReport
 from .schedule import coef_at, describe_coef
-from .targets import COEF_ARG, NothingToRegularize, check_arguments, describe_modules, find_targets
 
 __all__ = ['TARCallback']
 
+_AUTOCAST_DEVICES = ('cpu', 'cuda')
+
+
+def _autocast_depth() -> int:
+    "How many autocast windows are open (torch has no getter: one level up and back down)"
+    depth = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return depth
+
+
+def _autocast_state() -> tuple:
+    "Everything an autocast window changes: per device enabled and dtype, the cache flag, the nesting depth"
+    return ([(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES],
+            torch.is_autocast_cache_enabled(), _autocast_depth())
+
+
+def _restore_autocast(state: tuple):
+    "Leave autocast as `_autocast_state` found it, as leaving the windows opened since would"
+    devices, cache, depth = state
+    for d, enabled, dtype in devices: torch.set_autocast_enabled(d, enabled); torch.set_autocast_dtype(d, dtype)
+    torch.set_autocast_cache_enabled(cache)
+    now = _autocast_depth()
+    for _ in range(now - depth): torch.autocast_decrement_nesting()
+    for _ in range(depth - now): torch.autocast_increment_nesting()
+    if depth == 0 and now > 0: torch.clear_autocast_cache()
+
+
+def _inside_autocast_window(event):
+    "An event that runs while fastai's MixedPrecision holds autocast open: our error must not leave it open"
+    @functools.wraps(event)
+    def wrapped(self):
+        try: return event(self)
+        except BaseException:
+            if self._autocast is not None: _restore_autocast(self._autocast)
+            raise
+    return wrapped
+
 
 class TARCallback(Callback):
-    "Add `alpha`*AR and `beta`*TAR of hooked recurrent activations to the training loss (Merity et al.)"
-    # after_loss must add the penalty before `GradientAccumulation` rescales `loss_grad`, and run in
-    # validation too: after_pred strips fastai's (logits, raw, dropped) tuple there as well.
+    "Add `alpha`*AR and `beta`*TAR of recurrent activations to the training loss (Merity et al.)"
+    # after_loss must add the penalty before `GradientAccumulation` rescales `loss_grad`; before_batch runs before
+    # `MixedPrecision` opens autocast. Validation too: after_pred hands the loss the logits of fastai's contract there.
     order, run_valid = GradientAccumulation.order - 1, True
     # Per-batch and per-fit state: not pickled by `learn.export()`, rebuilt by `_init_state`.
-    _stateattrs = ('_report', '_stats', '_batch_output', '_capture', '_groups', '_decided_for')
+    _stateattrs = ('_report', '_capture', '_plan', '_stats', '_coefs', '_autocast', '_groups', '_watched', '_pending',
+                  '_said')
 
     def __init__(self,
-        alpha: Any = 2.,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or a list
-        beta: Any = 1.,  # TAR coefficient: a number >= 0, a schedule, or a list, one per TAR module
+        alpha: Any = ALPHA,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or a list
+        beta: Any = BETA,  # TAR coefficient: a number >= 0, a schedule, or a list, one per TAR module or layer
         modules: Any = None,  # what TAR reads: None finds it; module(s), `named_modules()` names, or {module: beta}
-        ar_modules: Any = None,  # what AR reads: None is the fastai LM's output dropout (else `modules`); same forms
-        all_layers: bool = False,  # regularize every layer of a fastai `AWD_LSTM` (its `rnns`), not only the last
-        seq_dim: int | None = None,  # time axis of custom TAR modules' outputs (default 1); nn.RNN's is read
+        ar_modules: Any = None,  # what AR reads: None is the dropped output where one is found (else `modules`)
+        all_layers: bool = False,  # read every layer found (fastai's per-layer lists, AWD_LSTM layers, each RNN)
+        seq_dim: int | None = None,  # time axis of what TAR reads (1 batch-first, 0 sequence-first); None: the module's
+        feature_dim: int | None = None,  # feature axis of what is read (channels-first: 1, with seq_dim=2); None: last
         valid_metrics: bool = False,  # also report unweighted AR/TAR of the validation activations (`valid_tar`)
         show_columns: bool = True,  # add the epoch means of the weighted terms to the fit table (`train_tar`)
-        contract: bool | None = None,  # fastai's (logits, raw, dropped) output: None recognises it, True reads any
-                                       # 3-tuple as it, False leaves tuples to the loss (`fastai_tar.contract`)
+        contract: bool | None = None,  # fastai's (logits, raw, dropped) output: None reads it where certain,
+                                       # True reads any 3-tuple as it, False leaves tuples to the loss
     ):
-        seq_dim = check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, valid_metrics, show_columns)
-        if contract not in (None, True, False):
-            raise TypeError(f"contract takes None (recognise fastai's (logits, raw, dropped)), True or False, got "
-                            f"{contract!r}")
+        seq_dim, feature_dim = check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim,
+                                               valid_metrics, show_columns, contract)
         store_attr()
-        self.targets, self._fastai_regularizer = [], FastaiRegularizerSwitch()
-        self._reads_output = None  # from the model's (logits, raw, dropped): unknown until a fit's first forward
+        self._fastai_regularizer, self._fitting = FastaiRegularizerSwitch(), False
         self._init_state()
 
     def _init_state(self):
-        self._report, self._capture, self._groups = PenaltyReport(), ForwardCapture(), []
-        self._decided_for = None  # a weak reference to the model the places were chosen for
+        self._report, self._capture, self._plan = PenaltyReport(), ForwardCapture(), None
+        self._pending = None  # why the plan must be settled again at the next training forward
+        self._said = set()  # the one-off warnings given in this fit
         self._clear_batch()
+
+    def _clear_batch(self): self._stats, self._coefs, self._autocast, self._groups, self._watched = {}, {}, None, {}, []
+
+    @property
+    def request(self) -> Request:
+        "The arguments, as the plan reads them"
+        return Request(self.alpha, self.beta, self.modules, self.ar_modules, self.all_layers, self.seq_dim,
+                       self.feature_dim, self.contract)
 
     @property
     def learn(self): return self.__dict__.get('_learn')
 
     @learn.setter
     def learn(self, learn):
-        # `learn.remove_cb` sets None. After a fit that raised (no after_fit) this is the last chance to
-        # give fastai's RNNRegularizer its coefficients back and to take our columns out of the table.
-        old = self.learn
-        if learn is None and old is not None:
-            self._remove_hooks()
-            self._clear_batch()
-            self._fastai_regularizer.restore()
-            self._report.drop_columns(old)
+        # `learn.remove_cb` sets None: after a fit that never reached after_fit this gives the learner back
+        if learn is None and self.learn is not None: self._recover()
         self.__dict__['_learn'] = learn
 
-    # --- set-up and tear-down around fit ---------------------------------------------------------
-    def _find(self):
-        return find_targets(self.learn.model, self.alpha, self.beta, self.modules, self.ar_modules, self.all_layers)
+    def _recover(self):
+        "Undo what a fit set up, also one that an exception or a Ctrl-C ended before after_fit"
+        self._capture.stop()
+        self._clear_batch()
+        self._fastai_regularizer.restore()
+        if self.learn is not None: self._report.drop_columns(self.learn)
+        self._fitting = False
 
+    # --- around fit ---------------------------------------------------------------------------------------
     def before_fit(self):
-        self._remove_hooks()
-        self._report.drop_columns(self.learn)  # a fit that raised never reached after_fit: drop the columns it left
-        # `learn.validate()` and `get_preds()` send before_fit/after_fit too: they must keep the last fit's history.
-        if self._in_validation_context(): return
+        if self._fitting and not _fit_running(self.learn): self._recover()  # the last fit never reached after_fit
+        self._capture.stop()
+        if self._in_validation_context(): return  # validate(), get_preds() and predict() keep the last fit's history
+        self._fitting, self._said = True, set()
         self._report.new_fit()
-        # The places are chosen once per model: a later fit, and `learn.summary()` (which sends before_fit outside
-        # the lock), keep what the first one chose; a new `learn.model` is looked at afresh.
-        if self._decided_for is not None and self._decided_for() is self.learn.model: self._use(self.targets)
-        else: self._choose_candidates()
+        if self._plan is not None:
+            if self._plan.holds_for(self.learn.model): self._use_plan()
+            else: self._drop_plan()
         self._fastai_regularizer.silence(self.learn.cbs)
-        if self._reads_output is False: self._fastai_regularizer.warn_if_places_differ(self.targets)
-        # A second TARCallback (one per model part) gets columns of its own: `train_tar_2`, ...
         ours = [cb for cb in self.learn.cbs if isinstance(cb, TARCallback)]
-        suffix = f'_{ours.index(self) + 1}' if self in ours and ours.index(self) else ''
-        self._report.add_columns(self.learn, suffix, self.show_columns, self.valid_metrics)
-
-    def _choose_candidates(self):
-        "The places found from the model's structure; with no module named, the first forward may pick the contract"
-        self._decided_for = weakref.ref(self.learn.model)
-        self._reads_output = None if self.modules is None and self.ar_modules is None and self.contract is not False \
-            else False
-        self._no_places = None
-        try: self._use(self._find())
-        except NothingToRegularize as e:  # nothing to hook, but the model may return the contract: its forward says
-            if self._reads_output is False: raise
-            self._no_places = e
-            n_layers = max([len(c) for c in (self.alpha, self.beta) if isinstance(c, (list, tuple))], default=1)
-            self._use(output_targets(self.alpha, self.beta, n_layers, self.all_layers))
-
-    def _use(self, targets):
-        "Regularize `targets` from now on: at `before_fit`, or at the fit's first forward, before any row is logged."
-        self.targets = targets
-        # A zero coefficient adds nothing, so its module is hooked only for the validation metrics.
-        self._train_targets = [t for t in self.targets if callable(t.coef) or t.coef != 0]
-        self._report.use(self.targets, self._train_targets)
+        suffix = f'_{ours.index(self) + 1}' if self in ours and ours.index(self) else ''  # `train_tar_2`, ...
+        on = [k for k in KINDS if _may_be_on(self.request.coef(k))]
+        self._report.add_columns(self.learn, suffix, self.show_columns, self.valid_metrics, on, list(KINDS))
 
     def after_fit(self):
-        self._remove_hooks()
+        self._capture.stop()
         self._clear_batch()
-        if self._in_validation_context(): return
-        self._fastai_regularizer.restore()
-        self._report.drop_columns(self.learn)
+        if not self._in_validation_context(): self._recover()
 
     def _in_validation_context(self) -> bool:
         "Inside `learn.validate()` / `get_preds()` / `predict()`: fastai holds the learner's lock there."
-        # `gather_preds` is get_preds' GatherPredsCallback, a fallback for learners without the lock.
         locked = getattr(getattr(self.learn, 'lock', None), 'locked', None)
         return bool(locked and locked()) or hasattr(self.learn, 'gather_preds')
 
-    # --- hooks: from before_batch to after_pred; they keep outputs, the sums are taken in after_pred ----------
-    def _capture_now(self):
-        if self.training: return self._train_targets
-        return self.targets if self.valid_metrics and not self._in_validation_context() else []
+    # --- the plan ---------------------------------------------------------------------------------------
+    def _drop_plan(self):
+        "The model's modules changed: settle again at the next training forward, and say so if it reads elsewhere"
+        self._pending, self._plan = str(self._plan), None
 
+    def _settle(self, contract, packed):
+        self._plan = settle(self.learn.model, self.request, contract, packed)
+        if self._pending is not None and str(self._plan) != self._pending:
+            warnings.warn(f"TARCallback: the model changed since its plan was settled, so it was settled again; it "
+                          f"now reads:\n{self._plan}", stacklevel=2)
+        self._pending = None
+        self._use_plan()
+        self._fastai_regularizer.warn_if_places_differ(self._plan.reads, '; '.join(map(repr, self._plan.reads)))
+
+    def _use_plan(self):
+        self._report.use(self._plan.reads, self._train_reads())
+
+    def _train_reads(self) -> list:
+        "The reads that train: a zero coefficient adds nothing, so its read is kept for the validation metrics only"
+        return [r for r in self._plan.reads if callable(r.coef) or r.coef != 0]
+
+    # --- one batch: hooks from before_batch to after_pred, the penalty in after_loss ---------------------------
     def before_batch(self):
-        self._remove_hooks()  # a batch that a callback cancelled before after_pred left them
+        self._capture.stop()  # a batch that a callback cancelled before after_pred left them
         self._clear_batch()
-        targets = [t for t in self._capture_now() if not isinstance(t, OutputTarget)]  # those are read in after_pred
-        if not targets: return
-        by_module = {}
-        for t in targets: by_module.setdefault(t.module, []).append(t)
-        self._groups = list(by_module.values())
-        self._capture.start(self.learn.model, list(by_module))
+        if self.training:  # errors of a schedule come here, before MixedPrecision opens autocast
+            self._coefs = {id(c): coef_at(c, self.pct_train, arg)
+                           for c, arg in coef_objects(self.alpha, self.beta, self.modules, self.ar_modules)}
+        self._autocast = _autocast_state()
+        model = self.learn.model
+        if self._plan is not None and not self._plan.holds_for(model): self._drop_plan()
+        reads = self._reads_now()
+        watched = [] if self.contract is False else [m for m in unwrap_model(model).modules()
+                                                     if isinstance(m, RECURRENT)]
+        if reads is None: watched += watched_modules(model, self.request)  # the plan is settled at this forward
+        else: watched += [r.module for r in reads if r.module is not None]
+        self._watched = list({id(m): m for m in watched}.values())
+        self._groups = {id(m): i for i, m in enumerate(self._watched)}
+        if watched or self.contract is not False: self._capture.start(self.learn, watched, self._recover)
 
-    def _remove_hooks(self): self._capture.stop()
+    def _reads_now(self) -> list | None:
+        "What this batch reads: None where the plan is still to be settled (the first training forward)"
+        if self.training: return None if self._plan is None else self._train_reads()
+        if not self.valid_metrics or self._in_validation_context() or self._plan is None: return []
+        return self._plan.reads
 
-    def _clear_batch(self):
-        self._stats, self._batch_output = {}, None
-
-    # --- the penalty ---------------------------------------------------------------------------------
+    @_inside_autocast_window
     def after_pred(self):
-        if self._capture.handles:  # before the tuple is stripped: the forward is found by its output
-            calls = self._capture.calls_for(self.learn.pred)
-            self._remove_hooks()
-            self._stats = call_sums(calls, self._groups, self.seq_dim, self.training and torch.is_grad_enabled())
-        found = read_batch_contract(self.learn, self.contract)
-        if found is None: check_loss_input(self.learn.pred, self.learn.loss_func, self.contract)
-        else: self.learn.pred = found.logits  # the loss sees the logits, as with fastai's RNNCallback
-        self._batch_output = found  # for a second TARCallback, which sees only the logits now
-        if self._reads_output is None and not self._in_validation_context(): self._choose_places(found)
-        targets = self._capture_now() if self._reads_output else []
-        if not targets: return  # e.g. validation without valid_metrics: a model may return plain logits in eval
-        if found is None:
-            raise TypeError("TARCallback read AR/TAR from the model's (logits, raw, dropped) at the first batch, but "
-                            "now the model returned something else; pass modules= / ar_modules= to hook modules")
-        for t in targets: self._stats[t] = output_sums(t, found)
+        fwd = self._capture.forward
+        self._capture.stop()
+        output = fwd.output if fwd is not None else rnn_callback_output(self.learn, self.learn.pred)
+        contract, why_not = self._contract(output, fwd)
+        if contract is not None:
+            if isinstance(self.learn.pred, (tuple, list)): self.learn.pred = contract.logits  # as RNNCallback does
+        else: check_loss_input(self.learn.pred, self.learn.loss_func, why_not)
+        if self.training and self._plan is None:
+            packed = {id(self._watched[c.group]) for c in (fwd.calls if fwd else []) if isinstance(c.output, PackedSequence)
+                      or isinstance(c.output, tuple) and c.output and isinstance(c.output[0], PackedSequence)}
+            self._settle(contract, packed)
+        reads = self._reads_now()
+        if not reads: return
+        parts = {}
+        for r in reads:
+            if r.module is None:
+                if contract is None: self._no_contract(r, output); continue
+                item = (contract.raw if r.kind == 'tar' else contract.dropped)[r.layer]
+                parts[r] = [(item, None, r.seq_dim)]
+                continue
+            calls = [] if fwd is None else fwd.of(self._groups[id(r.module)])
+            if not calls and self.training: raise RuntimeError(_not_called_message(r, self.learn.model))
+            parts[r] = read_tensors(r, calls, self.training)
+        if self.training and 'length 1' not in self._said: self._warn_if_no_pairs(parts)
+        self._stats = term_sums(parts)
 
-    def _choose_places(self, found):
-        "At a fit's first forward: read the contract (no hooks from then on), or keep the hooked places."
-        self._reads_output = found is not None and reads_output(self.learn.model, found, self.all_layers,
-                                                                self.contract is True)
-        if self._reads_output:
-            self._use(output_targets(self.alpha, self.beta, len(found.raw), self.all_layers))
-            self._stats = {}  # the sums of this batch's hooks
-        elif self._no_places is not None: raise self._no_places
-        self._fastai_regularizer.warn_if_places_differ(self.targets)
+    def _contract(self, output, fwd):
+        "fastai's (logits, raw, dropped) when the output is it for certain, and why not otherwise"
+        if not isinstance(output, (tuple, list)): return None, ''
+        produced = {} if fwd is None else {id(t): (c.module, c.version) for c in fwd.calls
+                                           if isinstance(c.module, RECURRENT) for t in [_first(c.output)]}
+        contract, why = certain_contract(output, unwrap_model(self.learn.model),
+                                         {k: m for k, (m, _) in produced.items()}, self.contract)
+        if contract is not None:  # each raw as it left its RNN: an in-place op since then would change TAR
+            for raw, p in zip(contract.raw, contract.producers):
+                if p is not None and produced[id(raw)][1] not in (None, raw._version):
+                    raise RuntimeError(f"TARCallback reads TAR from the model's raw output, the output of "
+                                       f"{type(p).__name__}, but it was changed in place after the module returned "
+                                       "it: make that op out-of-place (`raw = raw + x`)")
+        return contract, why
 
+    def _no_contract(self, read, output):
+        "A read of fastai's (logits, raw, dropped), on a forward that did not return it"
+        if self.training:
+            raise TypeError(f"TARCallback's plan reads {read.name} from the model's (logits, raw, dropped), settled at "
+                            f"the first training batch, but this forward returned a {describe(output)}: return the "
+                            "same kind of output every batch, or name the modules to read in modules= / ar_modules=")
+        if 'valid' not in self._said:
+            warnings.warn("TARCallback(valid_metrics=True): the model returns no (logits, raw, dropped) in validation, "
+                          "so the validation penalty is not computed; name modules (modules=) to measure it there",
+                          stacklevel=3)
+            self._said.add('valid')
+
+    def _warn_if_no_pairs(self, parts):
+        for r, ps in parts.items():
+            if r.kind == 'tar' and ps and all(h.shape[sd] == 1 for h, _, sd in ps):
+                warnings.warn(f"TARCallback reads TAR of {r.name} along time axis {r.seq_dim} ({r.axis_why}), which has "
+                              "length 1 on the first training batch: TAR has nothing to compare and adds 0. If time is "
+                              "another axis, pass seq_dim=", stacklevel=3)
+                self._said.add('length 1')
+                return
+
+    @_inside_autocast_window
     def after_loss(self):
         if not self.training: return
-        missing = list(dict.fromkeys(t.name for t in self._train_targets if t not in self._stats))
-        if missing: raise RuntimeError(not_called_message(missing, self.learn.model))
-        # The coefficients of all targets, zeros included, so that the history shows each one used.
-        coefs = [coef_at(t.coef, self.pct_train, COEF_ARG[t.kind]) for t in self.targets]
-        weighted = {t: c * mean_of(*self._stats[t]) for t, c in zip(self.targets, coefs) if t in self._stats}
+        reads = self._plan.reads
+        coefs = [self._coefs[id(r.coef)] for r in reads]  # zeros too, so that the history shows each one used
+        weighted = {r: c * mean_of(*self._stats[r]) for r, c in zip(reads, coefs) if r in self._stats}
         if weighted: self.learn.loss_grad = self.learn.loss_grad + sum(weighted.values())
         self._report.record(self.train_iter, self.learn.loss, weighted, coefs)
 
     def after_batch(self):
-        self._remove_hooks()  # still there if a callback cancelled the batch before the forward pass
+        self._capture.stop()  # still there if a callback cancelled the batch before the forward pass
         if not self.training and self._stats: self._report.add_valid(self._stats)
         self._clear_batch()  # in training the sums hold the graph, and so the activations
 
@@ -195,31 +280,64 @@ class TARCallback(Callback):
         "A DataFrame with one row per training batch of the last fit: iter, loss, ar, tar, alpha, beta"
         return self._report.frame()
 
+    @property
+    def reads(self) -> list:
+        "The settled plan's reads (`plan.Read`), one per term; [] before the first training batch"
+        return [] if self._plan is None else self._plan.reads
+
+    @property
+    def log(self):
+        "The raw per-batch record (a PenaltyHistory) behind history"
+        return self._report.log
+
     def plot(self, ax=None):
         "Plot the loss and the weighted AR/TAR terms of the last fit against iterations; returns the figure"
         return plot_history(self.history, ax)
 
     @property
     def places(self) -> str:
-        "Where AR and TAR read, one term a line; before a fit's first forward with no module named, both candidates"
+        "The plan: what each term reads, its axes and why; before the first training batch, the candidates"
         if self.learn is None: return PrettyString("found when attached to a learner")
-        found, nothing = [], None
-        try: found = self.targets if self._reads_output is not None else self._find()
-        except ValueError as e: nothing = e
-        undecided = self._reads_output is None and self.modules is None and self.ar_modules is None
-        return describe_places(found, nothing, undecided, self.contract, self.all_layers, self.alpha, self.beta)
+        if self._plan is not None and self._plan.holds_for(self.learn.model): return PrettyString(str(self._plan))
+        return PrettyString(describe_candidates(self.learn.model, self.request))
 
     def __repr__(self):
-        "One line, as fastai lists callbacks: the arguments given, then (attached) what is hooked."
+        "One line, as fastai lists callbacks: the arguments given, then (attached) what is read."
         given = [f"alpha={describe_coef(self.alpha)}", f"beta={describe_coef(self.beta)}"]
         given += [f"{k}={describe_modules(getattr(self, k))}" for k in ('modules', 'ar_modules')
                   if getattr(self, k) is not None]
         given += [f"{k}={getattr(self, k)!r}" for k, default in
-                  (('all_layers', False), ('seq_dim', None), ('valid_metrics', False), ('show_columns', True),
-                   ('contract', None))
-                  if getattr(self, k) != default]
+                  (('all_layers', False), ('seq_dim', None), ('feature_dim', None), ('valid_metrics', False),
+                   ('show_columns', True), ('contract', None)) if getattr(self, k) != default]
         head = f"TARCallback({', '.join(given)})"
         if self.learn is None: return head
-        try: targets = self.targets or self._find()
-        except (ValueError, TypeError) as e: return f"{head}: cannot hook: {e}"
-        return f"{head}: {'; '.join(map(repr, targets))}"
+        return f"{head}: {'; '.join(self.places.splitlines())}"
+
+
+def _may_be_on(coef) -> bool:
+    values = coef.values() if isinstance(coef, dict) else coef if isinstance(coef, (list, tuple)) else [coef]
+    return any(callable(c) or c != 0 for c in values)
+
+
+def _first(x):
+    while isinstance(x, (tuple, list)) and x: x = x[0]
+    return x
+
+
+def _fit_running(learn) -> bool:
+    "A fit of `learn` is on the stack: `validate()` called from inside it must not undo the fit's set-up"
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is Learner._do_fit.__code__ and f.f_locals.get('self') is learn: return True
+        f = f.f_back
+    return False
+
+
+def _not_called_message(read, model) -> str:
+    head = f"TARCallback reads {read.name} ({type(read.module).__name__}) but the learner's forward did not call it"
+    if any(hasattr(m, '_orig_mod') for m in model.modules()):
+        # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards)
+        return (f"{head}: learn.model is compiled (torch.compile) and its compiled code was traced before the "
+                "callback added its hooks, so it does not call them. Call torch.compiler.reset() before this fit, "
+                "or attach TARCallback before the compiled model's first forward")
+    return f"{head}: name modules that run in the forward in modules= / ar_modules="

@@ -1,36 +1,57 @@
-"""Forward hooks that only keep the activations AR and TAR read; the penalty is computed later, outside the forward.
+"""How the plan's activations are captured: forward hooks that keep what a module returned in the training forward,
+and the reading of those calls into `(h, mask, seq_dim, feature_dim)` for the penalties.
 
-Keeping the hook body to a list append (no arithmetic, no lock) is what lets it run inside a gradient-checkpointed
-region (nothing is saved for backward there), inside a `torch.compile`d graph (dynamo traces an append without a
-graph break), and in `nn.DataParallel`'s replica threads (`list.append` is atomic). Each forward of the whole model
-files what its hooks saw under its output tensors, held weakly: the callback then reads the forward whose output
-became `learn.pred`, whatever other forwards callbacks ran in the same batch, and a forward nobody reads frees its
-activations with its output.
+A hook's body is a list append (no arithmetic, no lock), so it runs inside a gradient-checkpointed region, inside a
+`torch.compile`d graph and in `nn.DataParallel`'s replica threads. The forward that counts is the one the learner
+itself runs (`learn.model(*learn.xb)` in fastai's `_do_one_batch`): forwards run by callbacks are not recorded, and
+a callback may derive `learn.pred` from the output as it likes.
+
+**Every call counts, by one rule.** Calls made without gradient are skipped (a no-grad burn-in). Calls of one step
+each (a cell, or an RNN fed one step at a time by a decoder) are joined in call order along the time axis into one
+sequence; calls of whole sequences each add their own pairs, pooled into one mean. A mix of the two cannot be read
+for certain and is an error. Each tensor is read as it left the module: a later in-place change is an error.
 """
 import sys
-import weakref
+from dataclasses import dataclass
 
 import torch
 from fastai.learner import Learner
-from torch import nn
-from torch.utils.weak import WeakTensorKeyDictionary
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .functional import ar_sum_count, tar_sum_count
-from .targets import read_output
+from .fastai_interop import fastai_output
+from .functional import ar_sum_count, ar_tar_sum_count, tar_sum_count
+from .plan import KINDS
 
-__all__ = ['Call', 'ForwardCapture', 'call_sums', 'not_called_message']
+__all__ = ['Call', 'Forward', 'ForwardCapture', 'read_tensors', 'term_sums']
 
-# Frames of fastai's training loop: `_with_events` runs every fit, epoch and batch (also of a Learner subclass
-# that writes its own `one_batch`), `_do_one_batch` calls the model.
+# Frames of fastai's training loop: `_with_events` runs every fit, epoch and batch
 _LOOP = {Learner._with_events.__code__, Learner.one_batch.__code__, Learner._do_one_batch.__code__}
+_TORCH_DIR = torch.__file__.rsplit('/', 1)[0]
 
 
+@dataclass
 class Call:
-    "One call of a hooked module: which group of targets it feeds, the module (or its replica), its raw output."
-    __slots__ = ('group', 'module', 'output', 'grad_enabled')
+    "One call of a watched module in the learner's forward."
+    group: int  # which watched module (its replicas under nn.DataParallel share it)
+    module: nn.Module  # the module, or its replica
+    output: object  # what it returned
+    version: int | None  # the version counter of its first tensor then (None inside a compiled graph)
+    grad_enabled: bool
 
-    def __init__(self, group, module, output, grad_enabled):
-        self.group, self.module, self.output, self.grad_enabled = group, module, output, grad_enabled
+
+@dataclass
+class Forward:
+    "The learner's forward of one batch: the model's whole output and the watched modules' calls."
+    output: object
+    calls: list
+
+    def of(self, group: int) -> list: return [c for c in self.calls if c.group == group]
+
+
+def _first_tensor(x):
+    while isinstance(x, (tuple, list)) and x: x = x[0]  # (output, state), (h, c), a PackedSequence's data
+    return x if isinstance(x, Tensor) else None
 
 
 class _Tap:
@@ -44,99 +65,58 @@ class _Tap:
         if cap is None: return
         if self.group is None: return cap._root(module, *args)
         calls = cap.current
-        if calls is not None: calls.append(Call(self.group, module, args[-1], torch.is_grad_enabled()))
+        if calls is None: return
+        out = args[-1]
+        t = None if torch.compiler.is_compiling() else _first_tensor(out)
+        calls.append(Call(self.group, module, out, None if t is None else t._version, torch.is_grad_enabled()))
 
 
 class ForwardCapture:
-    "Hooks on `modules` (one per group of targets) for as long as `start` .. `stop`; the calls of each root forward."
+    "Hooks on the watched modules and on the model, from `start` to `stop`; `forward`: the learner's last forward."
     def __init__(self):
-        self.current = None  # the calls of the root forward in progress; None outside one
-        self.by_output = WeakTensorKeyDictionary()
-        self.last = []  # weak references to the output tensors of the last root forward that ended
-        self.handles = []
+        self.current = None  # the calls of the learner's forward in progress
+        self.forward, self.handles, self.learn, self.on_stale = None, [], None, None
 
-    def start(self, model: nn.Module, modules: list):
-        "Hook `modules[i]` as group i, and the root `model` to tell its forwards apart."
+    def start(self,
+        learn,  # the learner: its own forward is the one recorded
+        modules: list,  # the modules to watch, group i for modules[i]
+        on_stale,  # called when the hooks are found left over from a fit that never reached our events
+    ):
         self.stop()
+        self.learn, self.on_stale = learn, on_stale
         self.handles = [m.register_forward_hook(_Tap(self, i)) for i, m in enumerate(modules)]
         root = _Tap(self)
-        self.handles += [model.register_forward_pre_hook(root), model.register_forward_hook(root, always_call=True)]
+        self.handles += [learn.model.register_forward_pre_hook(root),
+                         learn.model.register_forward_hook(root, always_call=True)]
 
     def stop(self):
         "Remove every hook and forget every forward."
         for h in self.handles: h.remove()
-        self.handles, self.current, self.last = [], None, []
-        self.by_output = WeakTensorKeyDictionary()
+        self.handles, self.current, self.forward, self.learn = [], None, None, None
 
     def _root(self, model, args, *output):
-        if not output:  # the pre-hook: a root forward starts
-            # Outside fastai's loop the hooks are left over from a fit that an exception or a Ctrl-C ended
-            # between before_batch and after_pred: no event of ours followed (fastai's `_with_events` has no
-            # `finally`, torch's always_call hooks run for `Exception` only). This forward is no training step.
-            if not _in_fastai_loop(): return self.stop()
-            self.current = []
+        if not output:  # the pre-hook: a forward of the whole model starts
+            caller = _caller()
+            if caller is not None and caller.f_locals.get('self') is self.learn: self.current = []
+            # Outside fastai's loop the hooks are left over from a fit that an exception or a Ctrl-C ended between
+            # before_batch and after_pred: no event of ours followed (fastai's `_with_events` has no `finally`).
+            elif not _in_fastai_loop():
+                on_stale = self.on_stale
+                self.stop()
+                if on_stale is not None: on_stale()
             return
         calls, self.current = self.current, None
         # torch passes output None when the forward raised: the exception leaves fastai's loop, and no event of
         # ours may follow to remove the hooks
         if output[0] is None: return self.stop()
-        if calls is None: return
-        outs = _tensors(output[0])
-        self.last = [weakref.ref(t) for t in outs]
-        for t in outs: self.by_output[t] = calls
-
-    def calls_for(self, pred):
-        "The calls of the forward that returned `pred` (or a tensor in it); [] if no hooked forward did."
-        for t in _tensors(pred):
-            if t in self.by_output: return self.by_output[t]
-        # A callback made `pred` from the output (a view, a reshape): the last forward's, while its output lives
-        for r in self.last:
-            t = r()
-            if t is not None and t in self.by_output: return self.by_output[t]
-        return []
+        if calls is not None: self.forward = Forward(output[0], calls)
 
 
-_SUM_COUNT = {'ar': ar_sum_count, 'tar': tar_sum_count}
-
-
-def call_sums(
-    calls: list,  # `ForwardCapture.calls_for(learn.pred)`
-    groups: list,  # the targets of each hooked module, in the order given to `ForwardCapture.start`
-    seq_dim: int | None,  # `TARCallback(seq_dim=...)`: the time axis of TAR's modules
-    needs_grad: bool,  # a training forward with gradient on: a call without gradient could not train its module
-) -> dict:
-    "(sum, count) of each target over `calls`"
-    stats = {}
-    for call in calls:
-        targets = groups[call.group]
-        if needs_grad and not call.grad_enabled:
-            raise RuntimeError(
-                f"TARCallback: {targets[0].name or '<model>'} ({type(targets[0].module).__name__}) ran without "
-                "gradient inside the training forward, so the penalty could not train it. "
-                "torch.utils.checkpoint(..., use_reentrant=True) does this: use use_reentrant=False")
-        # seq_dim is the user's word on the time axis of TAR's modules; AR has no time axis to check
-        sd = seq_dim if any(t.kind == 'tar' for t in targets) else None
-        h, mask, sd = read_output(call.module, call.output, sd)
-        for t in targets:
-            s, n = _SUM_COUNT[t.kind](h, mask, sd)
-            if t in stats:  # a module called several times per forward: pool its calls into one mean
-                s0, n0 = stats[t]
-                s, n = s0 + s.to(s0.device), n0 + (n.to(s0.device) if isinstance(n, torch.Tensor) else n)
-            stats[t] = (s, n)
-    return stats
-
-
-def not_called_message(
-    missing: list,  # names of the hooked modules the forward did not call
-    model: nn.Module,  # the learner's model
-) -> str:
-    head = f"TARCallback hooked {missing} but the forward that made learn.pred did not call them"
-    if any(hasattr(m, '_orig_mod') for m in model.modules()):
-        # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards)
-        return (f"{head}: learn.model is compiled (torch.compile) and its compiled code was traced before the "
-                "callback added its hooks, so it does not call them. Call torch.compiler.reset() before this fit, "
-                "or attach TARCallback before the compiled model's first forward")
-    return f"{head}: pass modules= / ar_modules= naming modules that run in forward"
+def _caller():
+    "The frame that called the model: the first one outside torch (module call, compile and parallel wrappers)."
+    f = sys._getframe(3)
+    while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR): f = f.f_back
+    return f
 
 
 def _in_fastai_loop() -> bool:
@@ -147,8 +127,113 @@ def _in_fastai_loop() -> bool:
     return False
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor): return [x]
-    if isinstance(x, (tuple, list)): return [t for o in x for t in _tensors(o)]
-    if isinstance(x, dict): return [t for o in x.values() for t in _tensors(o)]
-    return []
+# --- reading the calls --------------------------------------------------------------------------------------
+def _unpack(module, output) -> tuple[Tensor, Tensor | None, bool]:
+    "`(h, mask, packed)` of a module's output: mask True where the position is real data."
+    fastai = fastai_output(module, output)
+    if fastai is not None: return (*fastai, False)
+    # RNNs return (output, state), cells (h, c); a PackedSequence is a tuple too, and is the output itself
+    if isinstance(output, (tuple, list)) and not isinstance(output, PackedSequence) and output: output = output[0]
+    if isinstance(output, PackedSequence):
+        h, lengths = pad_packed_sequence(output, batch_first=True)
+        return h, torch.arange(h.shape[1], device=h.device)[None] < lengths.to(h.device)[:, None], True
+    if not isinstance(output, Tensor) or not output.is_floating_point() or output.dim() < 1:
+        what = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) \
+            else type(output).__name__
+        raise TypeError(f"TARCallback cannot read the output of {type(module).__name__} ({what}): name modules that "
+                        "return a float tensor, an (output, state) tuple or a PackedSequence in modules= / ar_modules=")
+    return output, None, False
+
+
+def _check_unchanged(read, t: Tensor | None, version: int | None):
+    "The tensor must be as it left the module: an in-place op since then would change what the penalty reads."
+    if t is None or version is None or t._version == version: return
+    op = type(t.grad_fn).__name__ if t.grad_fn is not None else 'an in-place op'
+    raise RuntimeError(
+        f"TARCallback reads {read.name} ({read.kind.upper()}), but its output was changed in place after it left "
+        f"the module (its autograd history now ends in {op}: e.g. `out += x`, `out.relu_()` or "
+        "nn.ReLU(inplace=True)); the penalty would read the changed values. Make that op out-of-place "
+        "(`out = out + x`, inplace=False), or name the module whose output is the activation to regularize")
+
+
+def _axis(read, module, h: Tensor, packed: bool) -> int | None:
+    "The time axis of this call's `h`: the plan's, but a PackedSequence is unpacked batch-first by us."
+    if read.seq_dim is None: return None
+    if packed:
+        if read.axes_given and read.seq_dim % 3 != 1:
+            raise ValueError(f"seq_dim={read.seq_dim} contradicts the time axis of {read.name}'s PackedSequence, "
+                             "which TARCallback unpacks batch-first (time axis 1): leave seq_dim out")
+        return 1
+    if not read.axes_given and isinstance(module, nn.RNNBase) and h.dim() == 2: return 0  # unbatched (L, H)
+    if not -h.dim() <= read.seq_dim < h.dim():
+        raise ValueError(f"TARCallback reads TAR of {read.name} along time axis {read.seq_dim} ({read.axis_why}), "
+                         f"but its output has shape {tuple(h.shape)}: pass seq_dim= naming its time axis")
+    return read.seq_dim % h.dim()
+
+
+def _join_steps(read, parts: list) -> list:
+    "Calls of one step each are one sequence, in call order; calls of whole sequences stay apart."
+    if len(parts) < 2: return parts
+    lengths = [h.shape[sd] for h, _, sd in parts]
+    if all(n > 1 for n in lengths): return parts
+    if any(n > 1 for n in lengths):
+        raise ValueError(f"TARCallback cannot tell how the {len(parts)} calls of {read.name} in one forward relate: "
+                         f"{lengths.count(1)} return one step (a decoder stepping) and {len(lengths) - lengths.count(1)}"
+                         " whole sequences. Name a module that runs one way only in modules= (wrap each use of "
+                         "the shared module in a module of its own), or compute this penalty yourself with "
+                         "fastai_tar.tar_penalty")
+    h0, m0, sd = parts[0]
+    if any(h.shape != h0.shape or (m is None) != (m0 is None) or s != sd for h, m, s in parts):
+        raise ValueError(f"TARCallback cannot join the one-step calls of {read.name} into a sequence: their shapes "
+                         f"differ ({sorted({tuple(h.shape) for h, _, _ in parts})})")
+    mask = None if m0 is None else torch.cat([m for _, m, _ in parts], sd)
+    return [(torch.cat([h for h, _, _ in parts], sd), mask, sd)]
+
+
+def read_tensors(
+    read,  # a `plan.Read` of a module
+    calls: list,  # its calls in the learner's forward
+    training: bool,  # a training forward: calls without gradient are skipped
+) -> list[tuple[Tensor, Tensor | None, int | None]]:
+    "`(h, mask, seq_dim)` to penalize for one read, by the rule of this module's docstring."
+    graded = [c for c in calls if c.grad_enabled] if training and torch.is_grad_enabled() else calls
+    if calls and not graded:
+        raise RuntimeError(
+            f"TARCallback: {read.name} ({type(read.module).__name__}) ran only without gradient in the training "
+            "forward, so the penalty could not train it: torch.no_grad() around it, or "
+            "torch.utils.checkpoint(..., use_reentrant=True), which runs the forward without gradient (use "
+            "use_reentrant=False)")
+    parts = []
+    for c in graded:
+        h, mask, packed = _unpack(c.module, c.output)
+        _check_unchanged(read, _first_tensor(c.output), c.version)
+        sd = _axis(read, c.module, h, packed)
+        if read.steps and sd is not None:  # a cell's output has no time axis: each call is one step
+            h, mask = h.unsqueeze(sd), None if mask is None else mask.unsqueeze(sd)
+        parts.append((h, mask, sd))
+    return _join_steps(read, parts) if read.seq_dim is not None else parts
+
+
+_SUM_COUNT = {'ar': ar_sum_count, 'tar': tar_sum_count}
+
+
+def term_sums(
+    parts: dict,  # read -> its `(h, mask, seq_dim)` list (`read_tensors`)
+) -> dict:
+    "read -> (sum, count) pooled over its parts; one AR and one TAR part together in one fused autograd node"
+    stats, reads = {}, [r for r in parts if parts[r]]
+    single = [r for r in reads if len(parts[r]) == 1]
+    if len(reads) == 2 and len(single) == 2 and {r.kind for r in reads} == set(KINDS) and \
+            reads[0].feature_dim == reads[1].feature_dim:
+        ar, tar = sorted(reads, key=lambda r: r.kind != 'ar')
+        (a, am, _), (t, tm, sd) = parts[ar][0], parts[tar][0]
+        stats[ar], stats[tar] = ar_tar_sum_count(a, t, am, tm, seq_dim=sd, feature_dim=tar.feature_dim)
+        return stats
+    for r in reads:
+        for h, mask, sd in parts[r]:
+            s, n = _SUM_COUNT[r.kind](h, mask, **({'seq_dim': sd} if sd is not None else {}), feature_dim=r.feature_dim)
+            if r in stats:
+                s0, n0 = stats[r]
+                s, n = s0 + s.to(s0.device), n0 + (n.to(s0.device) if isinstance(n, Tensor) else n)
+            stats[r] = (s, n)
+    return stats

@@ -25,7 +25,7 @@ class PenaltyColumn(Metric):
 
 
 def column_layout(
-    train_kinds: list,  # kinds ('ar', 'tar') with a training column: the terms that are on
+    train_kinds: list,  # kinds (`plan.KINDS`) with a training column: the terms that are on
     valid_kinds: list,  # kinds with a validation column: [] unless `valid_metrics=True`
     train_metrics: bool,  # the Recorder's `train_metrics`: metrics are also logged after training
     valid_metrics: bool,  # the Recorder's `valid_metrics`: metrics are logged after validation
@@ -37,7 +37,7 @@ def column_layout(
     so that the table always reads `train_ar`/`train_tar` (weighted, training) and `valid_ar`/`valid_tar`.
     """
     if train_metrics and valid_metrics:  # one column per kind, read as the training or the validation value
-        kinds = [k for k in ('ar', 'tar') if k in train_kinds or k in valid_kinds]
+        kinds = valid_kinds + [k for k in train_kinds if k not in valid_kinds]
         return [(k, k, None) for k in kinds], []
     if train_metrics: return [(f'train_{k}', k, 'train') for k in train_kinds], []  # nothing logs validation
     if valid_metrics:

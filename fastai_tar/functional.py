@@ -327,9 +327,12 @@ def ar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
     seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
+    feature_dim: int = -1,
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `h**2` over valid positions and the number of summed elements."
-    seq_dim = _check(h, mask, seq_dim)
+    if feature_dim % h.dim() != h.dim() - 1: h = h.movedim(feature_dim, -1)
+    if h.dim() == 2: h, mask, seq_dim = h.unsqueeze(1), None if mask is None else mask.unsqueeze(1), 1
+    seq_dim = _check(h, mask, 0 if seq_dim is None else seq_dim)
     return _apply(_SquareSum, h, mask, seq_dim, False), _ar_count(h, mask)
 
 
@@ -337,8 +340,12 @@ def tar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
     seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
+    feature_dim: int = -1,
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim` and the number of summed elements."
+    if feature_dim % h.dim() != h.dim() - 1:
+        seq_dim = [d for d in range(h.dim()) if d != feature_dim % h.dim()].index(seq_dim % h.dim())
+        h = h.movedim(feature_dim, -1)
     seq_dim = _check(h, mask, seq_dim)
     return _apply(_SquaredDiffSum, h, mask, seq_dim, False), _tar_count(h, mask, seq_dim)
 
@@ -367,3 +374,10 @@ def tar_penalty(
 ) -> Tensor:
     "Temporal Activation Regularization: the mean of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim`."
     return _apply(_SquaredDiffSum, h, mask, _check(h, mask, seq_dim), True)
+
+
+def ar_tar_sum_count(ar_h=None, tar_h=None, ar_mask=None, tar_mask=None, seq_dim=1, feature_dim=-1):
+    "INTERIM (replaced by the fused node): ((ar_sum, ar_count), (tar_sum, tar_count))"
+    ar = None if ar_h is None else ar_sum_count(ar_h, ar_mask, feature_dim=feature_dim)
+    tar = None if tar_h is None else tar_sum_count(tar_h, tar_mask, seq_dim, feature_dim=feature_dim)
+    return ar, tar

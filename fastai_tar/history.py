@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .targets import COEF_ARG
+from .plan import KINDS
+
 
 __all__ = ['PenaltyHistory', 'plot_history']
 
@@ -76,14 +77,14 @@ class PenaltyHistory:
         `model.named_modules()`; when those modules have different coefficients, `alpha`/`beta` is NaN and
         `beta:<name>` holds each module's coefficient.
         """
-        if not len(self): return pd.DataFrame(columns=['iter', 'loss', *COEF_ARG, *COEF_ARG.values()])
+        if not len(self): return pd.DataFrame(columns=['iter', 'loss', *KINDS, *(k.coef_arg for k in KINDS.values())])
         iters, values, coefs = self._arrays()
         terms = values[:, 1:].astype(np.float64)
         df = pd.DataFrame({'iter': iters, 'loss': values[:, 0]})
-        idx = {k: [i for i, t in enumerate(targets) if t.kind == k] for k in COEF_ARG}
-        for kind in COEF_ARG: df[kind] = terms[:, idx[kind]].sum(axis=1)
+        idx = {k: [i for i, t in enumerate(targets) if t.kind == k] for k in KINDS}
+        for kind in KINDS: df[kind] = terms[:, idx[kind]].sum(axis=1)
         extra = {}
-        for kind, coef in COEF_ARG.items():
+        for kind, coef in ((k, v.coef_arg) for k, v in KINDS.items()):
             c = coefs[:, idx[kind]]
             shared = c.shape[1] > 0 and (c == c[:, :1]).all()
             df[coef] = c[:, 0] if shared else np.nan
@@ -107,7 +108,7 @@ def plot_history(
     ax.set_xlabel('iteration'); ax.set_ylabel('loss'); ax.set_title('loss and weighted AR/TAR')
     # The penalty is usually orders of magnitude below the loss: on the loss's axis it would be a flat line.
     pen = ax.twinx()
-    for kind, color in (('ar', 'C1'), ('tar', 'C2')):
+    for kind, color in zip(KINDS, ('C1', 'C2')):
         if df[kind].abs().sum() > 0: lines += pen.plot(df['iter'], df[kind], color=color, label=f'{kind} (weighted)')
     pen.set_ylabel('weighted penalty')
     ax.legend(lines, [l.get_label() for l in lines])

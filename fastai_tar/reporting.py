@@ -56,12 +56,13 @@ class PenaltyReport:
         suffix: str,  # '' for the first `TARCallback`, `_2`, ... for the next ones
         show_columns: bool,  # `TARCallback(show_columns=...)`: the weighted training terms
         valid_metrics: bool,  # `TARCallback(valid_metrics=...)`: the unweighted validation penalty
+        train_kinds: list,  # the kinds whose coefficient can be non-zero in training
+        all_kinds: list,  # every kind: each is measured in validation
     ):
         rec = getattr(learn, 'recorder', None)
         if rec is None: return
-        kinds = lambda ts: [k for k in ('ar', 'tar') if any(t.kind == k for t in ts)]
-        train_kinds = kinds(self.train_targets) if show_columns else []
-        valid_kinds = kinds(self.targets) if valid_metrics else []
+        train_kinds = train_kinds if show_columns else []
+        valid_kinds = all_kinds if valid_metrics else []
         if valid_kinds and not rec.valid_metrics:
             warnings.warn("TARCallback(valid_metrics=True) has no column to show: the Recorder logs no validation "
                           "metrics (Recorder(valid_metrics=False))", stacklevel=2)

@@ -2,12 +2,7 @@
 import math
 from numbers import Real
 
-__all__ = ['check_coef', 'coef_at', 'describe_coef']
-
-
-def _bad(arg, value):
-    return ValueError(f"{arg} must be a finite number >= 0 or a schedule of pct_train such as SchedLin(0, 1), "
-                      f"got {value!r}")
+__all__ = ['coef_at', 'describe_coef']
 
 
 def coef_at(
@@ -16,21 +11,13 @@ def coef_at(
     arg: str = 'coef',  # the argument's name, for the error message
 ) -> float:
     "The coefficient's value at `pct`, checked to be finite and non-negative."
-    value = coef(pct) if callable(coef) else coef
-    try: value = float(value)
-    except (TypeError, ValueError): raise _bad(arg, value) from None
-    if not math.isfinite(value) or value < 0: raise _bad(arg, value)
+    given = coef(pct) if callable(coef) else coef
+    try: value = float(given)
+    except (TypeError, ValueError): value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{arg} must be a finite number >= 0 or a schedule of pct_train such as SchedLin(0, 1), "
+                         f"got {given!r}")
     return value
-
-
-def check_coef(coef, arg: str):
-    "Reject a bad coefficient (or any bad one of a list or dict) when it is given, not at the first batch."
-    values = coef.values() if isinstance(coef, dict) else coef if isinstance(coef, (list, tuple)) else [coef]
-    if not values: raise ValueError(f"{arg}={coef!r} has no coefficient: give a number, a schedule, or one per module")
-    for c in values:
-        if isinstance(c, bool) or not (callable(c) or isinstance(c, Real)): raise _bad(arg, c)
-        # Both ends of training: a linear or cosine schedule that goes negative does so at one of them.
-        for pct in (0., 1.): coef_at(c, pct, arg)
 
 
 def describe_coef(coef) -> str:

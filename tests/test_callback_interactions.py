@@ -74,7 +74,7 @@ def test_two_callbacks_on_a_contract_model_both_read_the_output(dls):
     "The first callback hands the loss the logits; the second still reads dropped and raw, not the LSTM it finds"
     c1, c2 = TARCallback(0., 1.), TARCallback(2., 0.)
     _, spy, outs = fit_with(dls, lmmodel7(dls), ModelResetter, c1, c2)
-    assert [t.name for t in c2.targets] == ['dropped', 'raw']
+    assert [t.name for t in c2.reads] == ['dropped', 'raw']
     expected = [ref_penalty(2., 1., d) - ref_penalty(0., 1., d) + ref_penalty(0., 1., r) for _, r, d in outs]
     assert spy.added == [penalty(e) for e in expected]
 

@@ -406,7 +406,7 @@ def test_sentence_encoder_tar_spans_bptt_chunks():
     cap, grab = Capture(model[0].module), LossSpy(stop=1)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(1., 4.), grab])
     quiet_fit(learn)
-    assert [t.module for t in learn.tar.targets] == [model[0]] * 2  # hooked: the encoder, not the AWD_LSTM
+    assert [t.module for t in learn.tar.reads] == [model[0]] * 2  # hooked: the encoder, not the AWD_LSTM
     chunks = cap.outputs
     assert [c.shape[:2] for c in chunks] == [(1, bptt), (2, bptt), (3, bptt)]
     joined = torch.cat([nn.functional.pad(c, (0, 0, 0, 0, 0, 3 - len(c))) for c in chunks], 1)
@@ -452,7 +452,7 @@ def test_data_parallel_model_hooks_inner_modules(names):
     hooks = hook_ids(model)
     learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1., **kw), grab])
     quiet_fit(learn)
-    assert [(t.kind, t.name, t.module) for t in learn.tar.targets] == [('ar', 'lstm', inner.lstm),
+    assert [(t.kind, t.name, t.module) for t in learn.tar.reads] == [('ar', 'lstm', inner.lstm),
                                                                         ('tar', 'lstm', inner.lstm)]
     assert grab.added[0] == penalty(ref_penalty(2., 1., cap.outputs[0]))
     assert hook_ids(model) == hooks
@@ -470,7 +470,7 @@ def test_compiled_model_gets_the_penalty_of_the_plain_model():
                         loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1.), spy])
         torch.manual_seed(1)  # the same dropout masks in both runs
         quiet_fit(learn)
-        assert [(t.kind, t.name, t.module) for t in learn.tar.targets] == [('ar', 'dropped', None), ('tar', 'raw', None)]
+        assert [(t.kind, t.name, t.module) for t in learn.tar.reads] == [('ar', 'dropped', None), ('tar', 'raw', None)]
         assert hook_ids(model) == hooks
         assert spy.added[0] == penalty(2 * ref_ar(dropped.outputs[0]) + ref_tar(raw.outputs[0]))
         runs.append(spy.train[0])
@@ -536,7 +536,7 @@ def _ddp_rank(rank, world, port, out):
         half = lm_dls(n=4, bs=2, rows=slice(2 * rank, 2 * rank + 2))
         tar = TARCallback(2., 1., modules=['module.lstm'], ar_modules=['lstm'])  # names with and without 'module.'
         update = sgd_step(model, half, [tar])
-        found = [(t.name, t.module is model.module.lstm) for t in tar.targets]
+        found = [(t.name, t.module is model.module.lstm) for t in tar.reads]
         torch.save({'update': update, 'found': found, 'hooks': len(hook_ids(model))}, f'{out}/rank{rank}.pt')
     finally: dist.destroy_process_group()
 

@@ -11,7 +11,9 @@ from fastai.text.all import (AWD_LSTM, Callback, CrossEntropyLossFlat, Learner, 
 
 from fastai_tar import TARCallback
 from fastai_tar.book import human_numbers_dls
-from fastai_tar.contract import TupleLossError, read_contract
+from fastai.text.models.core import LinearDecoder
+from fastai_tar import TupleLossError
+from fastai_tar.fastai_interop import certain_contract
 from conftest import LossSpy, hook_ids, penalty, quiet_fit, ref_penalty, tiny_config
 
 BS, SL, NH = 8, 8, 16
@@ -253,6 +255,11 @@ t = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype)
     ((t(B, T, V), [t(B, T, 3), t(B, T, H)], [t(B, T, 3), t(B, T, H)]), 2),  # per-layer lists
     ((t(B, T, V), t(B, T, H, dtype=torch.bfloat16), t(B, T, H, dtype=torch.bfloat16)), 1),
 ])
+def read_contract(pred, force=None):
+    "The contract as read from a fastai text model's output (which needs no check of where raw came from)"
+    return certain_contract(pred, nn.Sequential(LinearDecoder(V, H)), {}, force)[0]
+
+
 def test_recognised_as_the_contract(pred, layers):
     c = read_contract(pred)
     assert c.logits is pred[0] and len(c.raw) == len(c.dropped) == layers and c.per_layer == (layers > 1)
@@ -262,7 +269,7 @@ def test_recognised_as_the_contract(pred, layers):
     (t(B, T, V), t(B, T, H)),  # two items
     (t(B, T, V), t(B, T, H), t(B, T, H), t(B)),  # four (a PackedSequence is a tuple of four)
     (t(B, T, V), t(B, H), t(B, H)),  # no time dim: a VAE's (x, mu, logvar), say
-    (t(B, T, V), t(B + 1, T, H), t(B + 1, T, H)),  # another batch size
+    (t(B, T, V), t(B + 1, T + 1, H), t(B + 1, T + 1, H)),  # another batch size and length
     (t(B, T, V), t(B, T + 1, H), t(B, T + 1, H)),  # another length than the logits
     (t(B, T, V), t(B, T, H), t(B, T, H + 1)),  # raw and dropped differ
     (t(B, T, V), [t(B, T, H)] * 2, [t(B, T, H)]),  # lists of different lengths

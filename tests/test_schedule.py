@@ -6,7 +6,8 @@ import pytest
 import torch
 from fastai.callback.schedule import SchedCos, SchedExp, SchedLin, SchedNo, SchedPoly, combine_scheds
 
-from fastai_tar.schedule import check_coef, coef_at, describe_coef
+from fastai_tar.arguments import _check_coef as check_coef
+from fastai_tar.schedule import coef_at, describe_coef
 
 PCTS = [0., 0.1, 0.25, 0.5, 0.8, 0.999]
 
