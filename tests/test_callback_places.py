@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from fastai.text.all import (AWD_LSTM, SGD, CrossEntropyLossFlat, Learner, ModelResetter, language_model_learner)
+from fastai.text.all import (AWD_LSTM, SGD, CrossEntropyLossFlat, Learner, ModelResetter, TextLearner,
+                             language_model_learner)
 
 from fastai_tar import TARCallback
 from conftest import (VOCAB, Capture, LossSpy, far, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty, ref_tar,
@@ -91,23 +92,54 @@ def test_a_vae_tuple_is_not_the_contract_and_reaches_the_loss(kw):
 
 
 # --- 4. all_layers ----------------------------------------------------------------------------------------------------
-def test_all_layers_is_the_same_on_a_learner_and_on_a_text_learner():
-    "Per batch the same penalty on fastai's AWD-LSTM LM: 2*AR of each layer's dropped output + TAR of each raw one."
-    def captures(model):
-        enc = model[0]
-        return [Capture(m) for m in (enc.hidden_dps[0], model[1].output_dp, enc.rnns[0], enc.rnns[1])]
-    plain = Learner(lm_dls(n=8), tiny_lm(), loss_func=CrossEntropyLossFlat(), opt_func=SGD,
+class ListLM(nn.Module):
+    "Two LSTM layers with dropout after each, returning per-layer lists (logits, [raw0, raw1], [dropped0, dropped1])."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(VOCAB, 12), nn.Linear(12, VOCAB)
+        self.rnns = nn.ModuleList([nn.LSTM(12, 12, batch_first=True) for _ in range(2)])
+        self.drops = nn.ModuleList([nn.Dropout(0.3) for _ in range(2)])
+
+    def forward(self, x):
+        h, raws, drops = self.emb(x), [], []
+        for rnn, drop in zip(self.rnns, self.drops):
+            raws.append(rnn(h)[0])
+            drops.append(h := drop(raws[-1]))
+        return self.head(h), raws, drops
+
+    def reset(self): pass  # no state; fastai's ModelResetter calls it
+
+
+def awd_parts(model):
+    "fastai's AWD-LSTM LM: each layer's dropped output (hidden_dps[0], then output_dp) and raw output."
+    enc = model[0]
+    return [enc.hidden_dps[0], model[1].output_dp], list(enc.rnns)
+
+
+@pytest.mark.parametrize('arch', ['per-layer lists', 'AWD-LSTM'])
+def test_all_layers_is_the_same_on_a_learner_and_on_a_text_learner(arch):
+    "Per batch the same penalty on both learners: 2*AR of each layer's dropped output + TAR of each raw one."
+    if arch == 'AWD-LSTM':
+        plain_model = tiny_lm()
+        torch.manual_seed(0)
+        text = language_model_learner(lm_dls(n=8), AWD_LSTM, config=tiny_config(), pretrained=False, opt_func=SGD,
+                                      cbs=TARCallback(all_layers=True))
+        drops, raws = awd_parts(plain_model)
+    else:
+        plain_model = ListLM()
+        text = TextLearner(lm_dls(n=8), ListLM(), loss_func=CrossEntropyLossFlat(), opt_func=SGD,
+                           cbs=TARCallback(all_layers=True))
+        drops, raws = plain_model.drops, plain_model.rnns
+    plain = Learner(lm_dls(n=8), plain_model, loss_func=CrossEntropyLossFlat(), opt_func=SGD,
                     cbs=[ModelResetter(), TARCallback(all_layers=True)])
-    torch.manual_seed(0)
-    text = language_model_learner(lm_dls(n=8), AWD_LSTM, config=tiny_config(), pretrained=False, opt_func=SGD,
-                                  cbs=TARCallback(all_layers=True))
-    caps = captures(plain.model)
+    drops, raws = [Capture(m) for m in drops], [Capture(m) for m in raws]
     _, spy = fit_batches(plain, n=2)
     spy_text, _ = fit_warnings(text, n=2)
-    np.testing.assert_allclose(spy_text.added, spy.added, rtol=0, atol=1e-6)
-    d0, d1, r0, r1 = ([h for h in c.train_outputs] for c in caps)
-    expected = [2 * ref_ar(a) + 2 * ref_ar(b) + ref_tar(c) + ref_tar(d) for a, b, c, d in zip(d0, d1, r0, r1)]
+    expected = [sum(2 * ref_ar(d.train_outputs[i]) + ref_tar(r.train_outputs[i]) for d, r in zip(drops, raws))
+                for i in range(2)]
     assert spy.added == [penalty(e) for e in expected]
+    np.testing.assert_allclose(spy_text.added, spy.added, rtol=0, atol=1e-6)
 
 
 class BookLM(nn.Module):
