@@ -18,7 +18,7 @@ from conftest import VOCAB, LossSpy, hook_ids, lm_dls, quiet_fit
     (dict(beta=[1., 2., 3.], modules={'rnn': 1.}), ['beta', 'modules']),
     (dict(alpha=3., ar_modules={'drop': 1.}), ['alpha', 'ar_modules']),
     (dict(modules='rnn', all_layers=True), ['all_layers', 'modules']),
-])
+], ids=lambda v: ','.join(f'{k}={v[k]!r}' for k in v) if isinstance(v, dict) else '+'.join(v))
 def test_duplicates_and_contradictions_fail_at_construction_naming_both(kw, names):
     with pytest.raises(ValueError) as e: TARCallback(**kw)
     for name in names: assert re.search(rf'\b{name}\b', str(e.value)), (name, str(e.value))

