@@ -1,0 +1,300 @@
+"""What the plan reads and in which layout, and how `learn.tar.places` says so: a tuple that is not fastai's
+`(logits, raw, dropped)` reaches the loss untouched, `all_layers` means one thing on every learner, the time axis
+comes from the user (`seq_dim`, `feature_dim`) or from a module whose layout is known (else an error asks for it),
+a model changed between fits is planned again, and a time axis of length 1 is said. Values are checked against
+float64 references on activations the test captures with its own hooks."""
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from fastai.text.all import (AWD_LSTM, SGD, CrossEntropyLossFlat, Learner, ModelResetter, TextLearner,
+                             language_model_learner)
+
+from fastai_tar import TARCallback
+from conftest import (VOCAB, Capture, LossSpy, far, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty, ref_tar,
+                      tiny_config, tiny_lm)
+
+
+def fit_batches(learn_or_model, cbs=(), n=1, dls=None, **kw):
+    "Fit for `n` training batches (a learner, or a model with `cbs` on a new Learner); the learner, its `LossSpy`."
+    spy = LossSpy(stop=n)
+    kw.setdefault('loss_func', CrossEntropyLossFlat())
+    learn = learn_or_model if isinstance(learn_or_model, Learner) else Learner(
+        dls or lm_dls(n=4 * n), learn_or_model, opt_func=SGD, cbs=list(cbs), **kw)
+    torch.manual_seed(1)
+    quiet_fit(learn, lr=1e-3, cbs=spy)
+    return learn, spy
+
+
+def place(learn, kind, name):
+    "The one line of `learn.tar.places` about the `kind` ('AR' or 'TAR') term reading `name`."
+    lines = [l for l in learn.tar.places.splitlines() if re.search(rf'\b{kind}\b', l) and name in l]
+    assert len(lines) == 1, learn.tar.places
+    return lines[0]
+
+
+def fit_warnings(learn, n=1, **kw):
+    "fit_batches, and every warning's message."
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        _, spy = fit_batches(learn, n=n, **kw)
+    return spy, [str(x.message) for x in w]
+
+
+class LSTMLM(nn.Module):
+    "Embedding -> nn.LSTM (batch first) -> Linear, no dropout."
+    def __init__(self, rnn=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(VOCAB, 8), nn.Linear(12, VOCAB)
+        self.rnn = rnn or nn.LSTM(8, 12, batch_first=True)
+
+    def forward(self, x): return self.head(self.rnn(self.emb(x))[0])
+
+
+# --- 3. a 3-tuple that is not the contract -------------------------------------------------------------------------
+class SeqVAE(nn.Module):
+    "A sequence VAE returning (recon, mu, logvar), all batch x time x ...; z = mu, so the model is deterministic."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.rnn = nn.Embedding(VOCAB, 8), nn.GRU(8, 12, batch_first=True)
+        self.mu, self.logvar, self.dec = nn.Linear(12, 6), nn.Linear(12, 6), nn.Linear(6, VOCAB)
+
+    def forward(self, x):
+        h = self.rnn(self.emb(x))[0]
+        mu, logvar = self.mu(h), self.logvar(h)
+        return self.dec(mu), mu, logvar
+
+
+class VAELoss:
+    "Reconstruction + KL: it needs the whole tuple; keeps what it was given."
+    def __init__(self): self.seen = []
+
+    def __call__(self, pred, y):
+        self.seen.append(pred)
+        recon, mu, logvar = pred
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).mean()
+        return CrossEntropyLossFlat()(recon, y) + kl
+
+
+@pytest.mark.parametrize('kw', [dict(alpha=0., beta=0.), dict(modules='rnn'), dict()],
+                         ids=['alpha=beta=0', "modules='rnn'", 'default'])
+def test_a_vae_tuple_is_not_the_contract_and_reaches_the_loss(kw):
+    model, loss = SeqVAE(), VAELoss()
+    cap = Capture(model.rnn)
+    _, spy = fit_batches(model, [TARCallback(**kw)], n=2, loss_func=loss)
+    assert len(loss.seen) == 2 and all(isinstance(p, tuple) and len(p) == 3 for p in loss.seen)
+    a, b = kw.get('alpha', 2.), kw.get('beta', 1.)
+    assert spy.added == [penalty(ref_penalty(a, b, h) if a or b else 0.) for h in cap.train_outputs]  # the GRU
+
+
+# --- 4. all_layers -------------------------------------------------------------------------------------------------
+class ListLM(nn.Module):
+    "Two LSTM layers with dropout after each, returning per-layer lists (logits, [raw0, raw1], [dropped0, dropped1])."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(VOCAB, 12), nn.Linear(12, VOCAB)
+        self.rnns = nn.ModuleList([nn.LSTM(12, 12, batch_first=True) for _ in range(2)])
+        self.drops = nn.ModuleList([nn.Dropout(0.3) for _ in range(2)])
+
+    def forward(self, x):
+        h, raws, drops = self.emb(x), [], []
+        for rnn, drop in zip(self.rnns, self.drops):
+            raws.append(rnn(h)[0])
+            drops.append(h := drop(raws[-1]))
+        return self.head(h), raws, drops
+
+    def reset(self): pass  # no state; fastai's ModelResetter calls it
+
+
+def awd_parts(model):
+    "fastai's AWD-LSTM LM: each layer's dropped output (hidden_dps[0], then output_dp) and raw output."
+    enc = model[0]
+    return [enc.hidden_dps[0], model[1].output_dp], list(enc.rnns)
+
+
+@pytest.mark.parametrize('arch', ['per-layer lists', 'AWD-LSTM'])
+def test_all_layers_is_the_same_on_a_learner_and_on_a_text_learner(arch):
+    "Per batch the same penalty on both learners: 2*AR of each layer's dropped output + TAR of each raw one."
+    if arch == 'AWD-LSTM':
+        plain_model = tiny_lm()
+        torch.manual_seed(0)
+        text = language_model_learner(lm_dls(n=8), AWD_LSTM, config=tiny_config(), pretrained=False, opt_func=SGD,
+                                      cbs=TARCallback(all_layers=True))
+        drops, raws = awd_parts(plain_model)
+    else:
+        plain_model = ListLM()
+        text = TextLearner(lm_dls(n=8), ListLM(), loss_func=CrossEntropyLossFlat(), opt_func=SGD,
+                           cbs=TARCallback(all_layers=True))
+        drops, raws = plain_model.drops, plain_model.rnns
+    plain = Learner(lm_dls(n=8), plain_model, loss_func=CrossEntropyLossFlat(), opt_func=SGD,
+                    cbs=[ModelResetter(), TARCallback(all_layers=True)])
+    drops, raws = [Capture(m) for m in drops], [Capture(m) for m in raws]
+    _, spy = fit_batches(plain, n=2)
+    spy_text, _ = fit_warnings(text, n=2)
+    expected = [sum(2 * ref_ar(d.train_outputs[i]) + ref_tar(r.train_outputs[i]) for d, r in zip(drops, raws))
+                for i in range(2)]
+    assert spy.added == [penalty(e) for e in expected]
+    np.testing.assert_allclose(spy_text.added, spy.added, rtol=0, atol=1e-6)
+
+
+class BookLM(nn.Module):
+    "The book's LMModel7 without its carried state: (logits, raw, dropped) with single tensors, a 2-layer LSTM."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.i_h, self.rnn = nn.Embedding(VOCAB, 12), nn.LSTM(12, 12, 2, batch_first=True)
+        self.drop, self.h_o = nn.Dropout(0.3), nn.Linear(12, VOCAB)
+
+    def forward(self, x):
+        raw, _ = self.rnn(self.i_h(x))
+        out = self.drop(raw)
+        return self.h_o(out), raw, out
+
+
+def test_all_layers_on_a_contract_model_of_single_tensors_is_an_error():
+    with pytest.raises(ValueError, match='all_layers'): fit_batches(BookLM(), [TARCallback(all_layers=True)])
+
+
+# --- 5. layouts ----------------------------------------------------------------------------------------------------
+class BatchFirstLSTM(nn.LSTM):
+    "An nn.LSTM subclass built with batch_first=False whose own forward is batch-first in and out."
+    def forward(self, x, hx=None):
+        out, hx = super().forward(x.transpose(0, 1), hx)
+        return out.transpose(0, 1), hx
+
+
+def test_an_lstm_subclass_with_its_own_forward_asks_for_seq_dim():
+    with pytest.raises(ValueError, match='seq_dim') as e:
+        fit_batches(LSTMLM(BatchFirstLSTM(8, 12)), [TARCallback()])
+    assert 'rnn' in str(e.value)
+    model = LSTMLM(BatchFirstLSTM(8, 12))  # AR needs no time axis
+    cap = Capture(model.rnn)
+    _, spy = fit_batches(model, [TARCallback(alpha=2., beta=0.)])
+    assert spy.added == [penalty(2 * ref_ar(cap.train_outputs[0]))]
+
+
+@pytest.mark.parametrize('seq_dim', [1, np.int64(1), -2])
+def test_an_lstm_subclass_with_its_own_forward_reads_the_users_seq_dim(seq_dim):
+    model = LSTMLM(BatchFirstLSTM(8, 12))
+    cap = Capture(model.rnn)
+    learn, spy = fit_batches(model, [TARCallback(seq_dim=seq_dim)], n=2)
+    hs = cap.train_outputs
+    assert hs[0].shape == (4, 12, 12) and far(ref_tar(hs[0], seq_dim=0), ref_tar(hs[0]))  # bs == sl: axes tell apart
+    assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in hs]
+    assert re.search(rf'time axis (1|{int(seq_dim)})\b', place(learn, 'TAR', 'rnn'))  # -2 as given, or as 1
+
+
+class SeqFirstContract(nn.Module):
+    "The book's contract from a sequence-first nn.LSTM: raw and dropped are time x batch x features."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.rnn = nn.Embedding(VOCAB, 8), nn.LSTM(8, 12)
+        self.drop, self.head = nn.Dropout(0.3), nn.Linear(12, VOCAB)
+
+    def forward(self, x):
+        raw, _ = self.rnn(self.emb(x).transpose(0, 1))
+        dropped = self.drop(raw)
+        return self.head(dropped).transpose(0, 1), raw, dropped
+
+
+@pytest.mark.parametrize('sl', [12, 4])  # bs != sl, and bs == sl
+def test_contract_from_a_sequence_first_lstm_reads_tar_along_dim_0(sl):
+    model = SeqFirstContract()
+    raw, drop = Capture(model.rnn), Capture(model.drop)
+    learn, spy = fit_batches(model, [TARCallback()], n=2, dls=lm_dls(n=8, sl=sl))
+    pairs = list(zip(raw.train_outputs, drop.train_outputs))
+    assert pairs[0][0].shape[:2] == (sl, 4)
+    assert far(ref_tar(pairs[0][0], seq_dim=1), ref_tar(pairs[0][0], seq_dim=0))
+    assert spy.added == [penalty(2 * ref_ar(d) + ref_tar(r, seq_dim=0)) for r, d in pairs]
+    line = place(learn, 'TAR', 'raw')
+    assert 'time axis 0' in line and "fastai's (logits, raw, dropped)" in line
+
+
+class ChannelsFirst(nn.Module):
+    "A custom block returning batch x features x time, as tsai's LSTMPlus backbone does."
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 12, batch_first=True)
+
+    def forward(self, x): return self.lstm(x)[0].transpose(1, 2)
+
+
+class ChannelsFirstLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.body, self.head = nn.Embedding(VOCAB, 8), ChannelsFirst(), nn.Linear(12, VOCAB)
+
+    def forward(self, x): return self.head(self.body(self.emb(x)).transpose(1, 2))
+
+
+def test_channels_first_output_with_seq_dim_2_and_feature_dim_1():
+    model = ChannelsFirstLM()
+    cap = Capture(model.body)
+    learn, spy = fit_batches(model, [TARCallback(modules='body', seq_dim=2, feature_dim=1)], n=2)
+    hs = [h.transpose(1, 2) for h in cap.train_outputs]  # batch x time x features for the reference
+    assert far(ref_tar(cap.train_outputs[0]), ref_tar(hs[0]))  # TAR across features would show
+    assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in hs]
+    line = place(learn, 'TAR', 'body')
+    assert 'time axis 2' in line and 'named by you' in line
+
+
+# --- 6. the model changed between fits -----------------------------------------------------------------------------
+class Stack(nn.Module):
+    "LSTM layers in a ModuleList, run in order; no dropout."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(VOCAB, 8), nn.Linear(12, VOCAB)
+        self.rnns = nn.ModuleList([nn.LSTM(8, 12, batch_first=True)])
+
+    def forward(self, x):
+        h = self.emb(x)
+        for rnn in self.rnns: h = rnn(h)[0]
+        return self.head(h)
+
+
+def refit_after(learn, change, new):
+    "Fit, `change` the model, fit twice more: the second fit's spy, its warnings, the third's, and `new`'s outputs."
+    fit_batches(learn)
+    change()
+    cap = Capture(new())
+    spy, warned = fit_warnings(learn, n=2)
+    _, warned_again = fit_warnings(learn)
+    return spy, [m for m in warned if 'changed' in m], [m for m in warned_again if 'changed' in m], cap
+
+
+def test_a_layer_appended_between_fits_is_read_and_said_once():
+    model = Stack()
+    learn = Learner(lm_dls(n=8), model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=TARCallback())
+    spy, warned, warned_again, cap = refit_after(
+        learn, lambda: model.rnns.append(nn.LSTM(12, 12, batch_first=True)), lambda: model.rnns[1])
+    assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in cap.train_outputs[:2]]
+    assert len(warned) == 1 and warned_again == []
+    place(learn, 'TAR', 'rnns.1')  # the plan says so
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(modules='rnn')], ids=['found', "modules='rnn'"])
+def test_a_layer_swapped_between_fits_is_read_and_said_once(kw):
+    model = LSTMLM()
+    learn = Learner(lm_dls(n=8), model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=TARCallback(**kw))
+    def swap(): torch.manual_seed(2); model.rnn = nn.GRU(8, 12, batch_first=True)
+    spy, warned, warned_again, cap = refit_after(learn, swap, lambda: model.rnn)
+    assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in cap.train_outputs[:2]]
+    assert len(warned) == 1 and warned_again == []
+
+
+# --- 8. a time axis of length 1 ------------------------------------------------------------------------------------
+def test_a_time_axis_of_length_1_warns_once_per_fit_and_tar_is_0():
+    learn = Learner(lm_dls(n=12, sl=1), LSTMLM(), loss_func=CrossEntropyLossFlat(), opt_func=SGD,
+                    cbs=TARCallback(alpha=0., beta=1.))
+    spy, warned = fit_warnings(learn, n=3)
+    assert spy.added == [0., 0., 0.]
+    assert len([m for m in warned if 'length 1' in m]) == 1
