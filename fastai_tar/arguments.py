@@ -58,7 +58,7 @@ def _check_modules(spec, arg: str, coef, coef_arg: str):
                              "(with its own coefficient in a dict if it needs one)")
         seen.add(key)
     if isinstance(spec, dict):
-        _check_coef(spec, arg)
+        _check_coef(spec, coef_arg)
         if not isinstance(coef, _Default):
             raise ValueError(f"{coef_arg}={describe_coef(coef)} and {arg}={describe_modules(spec)} both give the "
                              f"coefficients: leave {coef_arg} out, or pass {arg} as a list of modules")

@@ -17,9 +17,9 @@ from .fastai_interop import (RECURRENT, FastaiRegularizerSwitch, certain_contrac
                              rnn_callback_output)
 from .functional import mean_of
 from .history import plot_history
-from .plan import KINDS, Request, describe_candidates, settle, unwrap_model, watched_modules
+from .plan import KINDS, Request, describe_candidates, module_reads, settle, unwrap_model, watched_modules
 from .reporting import PenaltyReport
-from .schedule import coef_at, describe_coef
+from .schedule import coef_at, describe_coef, may_be_on
 
 __all__ = ['TARCallback']
 
@@ -50,13 +50,15 @@ def _restore_autocast(state: tuple):
     if depth == 0 and now > 0: torch.clear_autocast_cache()
 
 
-def _inside_autocast_window(event):
-    "An event that runs while fastai's MixedPrecision holds autocast open: our error must not leave it open"
+def _cleans_up_on_error(event):
+    """An event whose error ends the fit, where no after_fit of ours follows: take the hooks off, give fastai's
+    regularizer back, and leave autocast as it was before MixedPrecision opened it for the batch"""
     @functools.wraps(event)
     def wrapped(self):
         try: return event(self)
         except BaseException:
             if self._autocast is not None: _restore_autocast(self._autocast)
+            self._recover()
             raise
     return wrapped
 
@@ -86,7 +88,7 @@ class TARCallback(Callback):
         seq_dim, feature_dim = check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim,
                                                valid_metrics, show_columns, contract)
         store_attr()
-        self._fastai_regularizer, self._fitting = FastaiRegularizerSwitch(), False
+        self._fastai_regularizer, self._fitting, self._opened_here = FastaiRegularizerSwitch(), False, False
         self._init_state()
 
     def _init_state(self):
@@ -114,7 +116,7 @@ class TARCallback(Callback):
 
     def _recover(self):
         "Undo what a fit set up, also one that an exception or a Ctrl-C ended before after_fit"
-        self._capture.stop()
+        self._capture.close()
         self._clear_batch()
         self._fastai_regularizer.restore()
         if self.learn is not None: self._report.drop_columns(self.learn)
@@ -123,8 +125,11 @@ class TARCallback(Callback):
     # --- around fit ---------------------------------------------------------------------------------------
     def before_fit(self):
         if self._fitting and not _fit_running(self.learn): self._recover()  # the last fit never reached after_fit
-        self._capture.stop()
-        if self._in_validation_context(): return  # validate(), get_preds() and predict() keep the last fit's history
+        if self._in_validation_context():  # validate(), get_preds() and predict() keep the last fit's history
+            self._opened_here = not self._capture.is_open  # (inside a fit, its hooks are open already)
+            if self._opened_here: self._capture.open(self.learn, self._recover)
+            return
+        self._capture.open(self.learn, self._recover)
         self._fitting, self._said = True, set()
         self._report.new_fit()
         if self._plan is not None:
@@ -133,13 +138,13 @@ class TARCallback(Callback):
         self._fastai_regularizer.silence(self.learn.cbs)
         ours = [cb for cb in self.learn.cbs if isinstance(cb, TARCallback)]
         suffix = f'_{ours.index(self) + 1}' if self in ours and ours.index(self) else ''  # `train_tar_2`, ...
-        on = [k for k in KINDS if _may_be_on(self.request.coef(k))]
+        on = [k for k in KINDS if may_be_on(self.request.coef(k))]
         self._report.add_columns(self.learn, suffix, self.show_columns, self.valid_metrics, on, list(KINDS))
 
     def after_fit(self):
-        self._capture.stop()
         self._clear_batch()
         if not self._in_validation_context(): self._recover()
+        elif self._opened_here: self._capture.close()
 
     def _in_validation_context(self) -> bool:
         "Inside `learn.validate()` / `get_preds()` / `predict()`: fastai holds the learner's lock there."
@@ -165,11 +170,12 @@ class TARCallback(Callback):
 
     def _train_reads(self) -> list:
         "The reads that train: a zero coefficient adds nothing, so its read is kept for the validation metrics only"
-        return [r for r in self._plan.reads if callable(r.coef) or r.coef != 0]
+        return [r for r in self._plan.reads if may_be_on(r.coef)]
 
     # --- one batch: hooks from before_batch to after_pred, the penalty in after_loss ---------------------------
+    @_cleans_up_on_error
     def before_batch(self):
-        self._capture.stop()  # a batch that a callback cancelled before after_pred left them
+        self._capture.unwatch()  # a batch that a callback cancelled before after_pred left them
         self._clear_batch()
         if self.training:  # errors of a schedule come here, before MixedPrecision opens autocast
             self._coefs = {id(c): coef_at(c, self.pct_train, arg)
@@ -184,7 +190,7 @@ class TARCallback(Callback):
         else: watched += [r.module for r in reads if r.module is not None]
         self._watched = list({id(m): m for m in watched}.values())
         self._groups = {id(m): i for i, m in enumerate(self._watched)}
-        if watched or self.contract is not False: self._capture.start(self.learn, watched, self._recover)
+        self._capture.watch(self._watched)
 
     def _reads_now(self) -> list | None:
         "What this batch reads: None where the plan is still to be settled (the first training forward)"
@@ -192,10 +198,10 @@ class TARCallback(Callback):
         if not self.valid_metrics or self._in_validation_context() or self._plan is None: return []
         return self._plan.reads
 
-    @_inside_autocast_window
+    @_cleans_up_on_error
     def after_pred(self):
         fwd = self._capture.forward
-        self._capture.stop()
+        self._capture.unwatch()
         output = fwd.output if fwd is not None else rnn_callback_output(self.learn, self.learn.pred)
         contract, why_not = self._contract(output, fwd)
         if contract is not None:
@@ -256,7 +262,7 @@ class TARCallback(Callback):
                 self._said.add('length 1')
                 return
 
-    @_inside_autocast_window
+    @_cleans_up_on_error
     def after_loss(self):
         if not self.training: return
         reads = self._plan.reads
@@ -266,7 +272,7 @@ class TARCallback(Callback):
         self._report.record(self.train_iter, self.learn.loss, weighted, coefs)
 
     def after_batch(self):
-        self._capture.stop()  # still there if a callback cancelled the batch before the forward pass
+        self._capture.unwatch()  # still there if a callback cancelled the batch before the forward pass
         if not self.training and self._stats: self._report.add_valid(self._stats)
         self._clear_batch()  # in training the sums hold the graph, and so the activations
 
@@ -283,7 +289,8 @@ class TARCallback(Callback):
     @property
     def reads(self) -> list:
         "The settled plan's reads (`plan.Read`), one per term; [] before the first training batch"
-        return [] if self._plan is None else self._plan.reads
+        return [] if self._plan is None or self.learn is None or not self._plan.holds_for(self.learn.model) \
+            else self._plan.reads
 
     @property
     def log(self):
@@ -311,12 +318,9 @@ class TARCallback(Callback):
                    ('show_columns', True), ('contract', None)) if getattr(self, k) != default]
         head = f"TARCallback({', '.join(given)})"
         if self.learn is None: return head
-        return f"{head}: {'; '.join(self.places.splitlines())}"
-
-
-def _may_be_on(coef) -> bool:
-    values = coef.values() if isinstance(coef, dict) else coef if isinstance(coef, (list, tuple)) else [coef]
-    return any(callable(c) or c != 0 for c in values)
+        try: reads = self.reads or module_reads(self.learn.model, self.request, list(KINDS))
+        except (ValueError, TypeError) as e: return f"{head}: cannot hook: {e}"
+        return f"{head}: {'; '.join(map(repr, reads))}"
 
 
 def _first(x):

@@ -12,6 +12,7 @@ sequence; calls of whole sequences each add their own pairs, pooled into one mea
 for certain and is an error. Each tensor is read as it left the module: a later in-place change is an error.
 """
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -72,44 +73,68 @@ class _Tap:
 
 
 class ForwardCapture:
-    "Hooks on the watched modules and on the model, from `start` to `stop`; `forward`: the learner's last forward."
+    """Hooks on the model from `open` to `close` (a fit, or a `get_preds`) that tell the learner's own forwards apart,
+    and on the watched modules from `watch` to `unwatch` (a batch); `forward`: the learner's last forward."""
     def __init__(self):
         self.current = None  # the calls of the learner's forward in progress
-        self.forward, self.handles, self.learn, self.on_stale = None, [], None, None
+        self.forward, self.learn, self.on_stale, self.root_handles, self.handles = None, None, None, [], []
+        self.root = None  # the model the root hooks are on
 
-    def start(self,
+    @property
+    def is_open(self) -> bool: return bool(self.root_handles)
+
+    def open(self,
         learn,  # the learner: its own forward is the one recorded
-        modules: list,  # the modules to watch, group i for modules[i]
-        on_stale,  # called when the hooks are found left over from a fit that never reached our events
+        on_stale,  # called when a forward outside fastai's loop finds the hooks left over from an interrupted fit
     ):
-        self.stop()
-        self.learn, self.on_stale = learn, on_stale
-        self.handles = [m.register_forward_hook(_Tap(self, i)) for i, m in enumerate(modules)]
-        root = _Tap(self)
-        self.handles += [learn.model.register_forward_pre_hook(root),
-                         learn.model.register_forward_hook(root, always_call=True)]
+        self.close()
+        self.learn, self.on_stale, root = learn, on_stale, _Tap(self)
+        self.root_handles = [learn.model.register_forward_pre_hook(root),
+                             learn.model.register_forward_hook(root, always_call=True)]
+        self.root = learn.model
 
-    def stop(self):
-        "Remove every hook and forget every forward."
+    def watch(self,
+        modules: list,  # the modules to watch in this batch, group i for modules[i]
+    ):
+        self.unwatch()
+        self.handles = [m.register_forward_hook(_Tap(self, i)) for i, m in enumerate(modules)]
+
+    def unwatch(self):
+        "Remove the modules' hooks and forget the forward: no activation outlives its batch."
         for h in self.handles: h.remove()
-        self.handles, self.current, self.forward, self.learn = [], None, None, None
+        self.handles, self.current, self.forward = [], None, None
+
+    def close(self, running=False):
+        "Remove every hook; `running`: from inside the root forward hook, whose dict torch is iterating over."
+        self.unwatch()
+        if running:
+            pre, post = self.root_handles
+            pre.remove()
+            # `remove` would change the dict torch is iterating over: a copy without the hook replaces it instead
+            for name in ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called'):
+                hooks = getattr(self.root, name)
+                if post.id in hooks: setattr(self.root, name, OrderedDict((k, v) for k, v in hooks.items() if k != post.id))
+        else:
+            for h in self.root_handles: h.remove()
+        self.root_handles, self.learn, self.on_stale, self.root = [], None, None, None
 
     def _root(self, model, args, *output):
         if not output:  # the pre-hook: a forward of the whole model starts
             caller = _caller()
             if caller is not None and caller.f_locals.get('self') is self.learn: self.current = []
-            # Outside fastai's loop the hooks are left over from a fit that an exception or a Ctrl-C ended between
-            # before_batch and after_pred: no event of ours followed (fastai's `_with_events` has no `finally`).
-            elif not _in_fastai_loop():
-                on_stale = self.on_stale
-                self.stop()
-                if on_stale is not None: on_stale()
+            # Outside fastai's loop the hooks are left over from a fit that an exception or a Ctrl-C ended: no
+            # event of ours followed (fastai's `_with_events` has no `finally`)
+            elif not _in_fastai_loop(): self._stale()
             return
         calls, self.current = self.current, None
-        # torch passes output None when the forward raised: the exception leaves fastai's loop, and no event of
-        # ours may follow to remove the hooks
-        if output[0] is None: return self.stop()
+        if output[0] is None: return self._stale(running=True)  # the forward raised: no event of ours follows
         if calls is not None: self.forward = Forward(output[0], calls)
+
+
+    def _stale(self, running=False):
+        on_stale = self.on_stale
+        self.close(running)
+        if on_stale is not None: on_stale()
 
 
 def _caller():

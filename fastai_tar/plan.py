@@ -21,7 +21,7 @@ from torch import nn
 
 from .arguments import describe_modules, module_specs
 from .fastai_interop import Contract, fastai_layout, fastai_places, is_fastai_classifier
-from .schedule import describe_coef
+from .schedule import describe_coef, may_be_on
 
 __all__ = ['Kind', 'KINDS', 'Read', 'Request', 'Plan', 'NothingToRegularize', 'unwrap_model', 'fingerprint',
            'module_reads', 'settle', 'watched_modules', 'describe_candidates']
@@ -140,6 +140,7 @@ def _layout(read: Read, req: Request, module: nn.Module | None, default: tuple |
         return read
     known = module_layout(module) if module is not None else None
     if known is None: known = default
+    if known is None and not may_be_on(read.coef): return None  # TAR off: nothing to ask for
     if known is None:
         what = type(module).__name__
         own = ' has a forward of its own' if isinstance(module, nn.RNNBase) else ' is not a module whose layout ' \
@@ -188,7 +189,7 @@ def _named_reads(model, req: Request, kind: str, seen_layout) -> list[Read]:
                              f"{describe_modules(s)}): each module is read once")
         seen[id(module)] = s
         reads.append(_layout(Read(kind, name, module, c, 'named', 'named by you'), req, module, seen_layout(module)))
-    return reads
+    return [r for r in reads if r is not None]
 
 
 def _found_places(model, all_layers: bool) -> dict:
@@ -228,7 +229,7 @@ def module_reads(
         for k in unnamed:
             for (name, module), c in _with_coefs(places[k], req.coef(k), KINDS[k].coef_arg, "layer(s)"):
                 reads.append(_layout(Read(k, name, module, c, 'found', why), req, module, seen_layout(module)))
-    return sorted(reads, key=lambda r: list(KINDS).index(r.kind))
+    return sorted([r for r in reads if r is not None], key=lambda r: list(KINDS).index(r.kind))
 
 
 def _contract_reads(contract: Contract, req: Request, kinds: list) -> list[Read]:

@@ -2,7 +2,7 @@
 import math
 from numbers import Real
 
-__all__ = ['coef_at', 'describe_coef']
+__all__ = ['coef_at', 'describe_coef', 'may_be_on']
 
 
 def coef_at(
@@ -18,6 +18,12 @@ def coef_at(
         raise ValueError(f"{arg} must be a finite number >= 0 or a schedule of pct_train such as SchedLin(0, 1), "
                          f"got {given!r}")
     return value
+
+
+def may_be_on(coef) -> bool:
+    "Whether a coefficient (or any of a list or dict of them) can be other than 0: a schedule always can"
+    values = coef.values() if isinstance(coef, dict) else coef if isinstance(coef, (list, tuple)) else [coef]
+    return any(callable(c) or c != 0 for c in values)
 
 
 def describe_coef(coef) -> str:

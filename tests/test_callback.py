@@ -230,6 +230,8 @@ def test_custom_module_by_name():
     torch.manual_seed(0)
     model = Conv()
     cap = Capture(model.mix)
-    loss, grad = first_batch(model, [TARCallback(alpha=0., beta=2., modules='mix')])
+    with pytest.raises(ValueError, match=r"time axis of mix \(Linear\)'s output.*Pass seq_dim="):
+        first_batch(model, [TARCallback(alpha=0., beta=2., modules='mix')])
+    loss, grad = first_batch(model, [TARCallback(alpha=0., beta=2., modules='mix', seq_dim=1)])
     assert (grad - loss).item() == penalty(2 * ref_tar(cap.outputs[0]))
     assert ref_tar(cap.outputs[0]) > 1e-4

@@ -158,8 +158,8 @@ def test_fit_that_raised_leaves_no_stale_column():
     mets = [id(m) for m in learn.metrics]
     with pytest.raises(RuntimeError, match='boom'): quiet_fit(learn, cbs=Boom(RuntimeError('boom'), at=2))
     assert len(tar.history) == 2  # the batches the failed fit trained on
+    with learn.no_bar(): res = learn.validate()  # the failed fit's hooks and columns go here
     assert hook_ids(learn.model) == set()
-    with learn.no_bar(): res = learn.validate()
     assert len(res) == 2  # valid_loss, accuracy: no penalty column left from the failed fit
     assert [id(m) for m in learn.metrics] == mets
     quiet_fit(learn)
@@ -228,9 +228,9 @@ def test_valid_metrics_keep_no_activation_after_each_batch():
 def test_valid_metrics_not_computed_in_get_preds_or_validate(monkeypatch):
     tar = TARCallback(valid_metrics=True)
     learn = tiny_learner(tar)
-    # The LM returns (logits, raw, dropped): the callback reads the terms there (no hook), through `output_sums`.
-    seen, output_sums = [], fastai_tar.callback.output_sums
-    monkeypatch.setattr(fastai_tar.callback, 'output_sums', lambda t, c: seen.append(learn.training) or output_sums(t, c))
+    # The LM returns (logits, raw, dropped): the callback reads the terms there, then sums them in `term_sums`.
+    seen, term_sums = [], fastai_tar.callback.term_sums
+    monkeypatch.setattr(fastai_tar.callback, 'term_sums', lambda parts: seen.append(learn.training) or term_sums(parts))
     quiet_fit(learn)
     assert set(seen) == {True, False}  # computed in training and validation
     seen.clear()
@@ -391,7 +391,8 @@ def test_sequences_of_coefficients_match_modules():
 
 def test_default_stays_last_layer_only():
     learn = tiny_learner(TARCallback())
-    assert [(t.kind, t.name) for t in learn.tar._find()] == [('ar', '1.output_dp'), ('tar', '0')]
+    quiet_fit(learn)
+    assert [(r.kind, r.name) for r in learn.tar.reads] == [('ar', 'dropped'), ('tar', 'raw')]
 
 
 # --- repr ----------------------------------------------------------------------------------------------------------
@@ -399,12 +400,16 @@ def test_repr_says_what_is_hooked_and_with_which_coefficients():
     tar = TARCallback(beta=SchedLin(0., 1.))
     assert repr(tar) == "TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0))"
     learn = tiny_learner(tar)
-    hooked = ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): AR 1.output_dp (RNNDropout): alpha=2.0; "
-              "TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0)")
+    found = "found: fastai's AWD_LSTM"
+    hooked = ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): "
+              f"AR 1.output_dp (RNNDropout): alpha=2.0; {found}; "
+              f"TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0); time axis 1 (fastai's text modules are batch-first); {found}")
     assert repr(learn.tar) == hooked
     quiet_fit(learn)  # the LM returns (logits, raw, dropped): the fit read the terms there, not through hooks
-    assert repr(learn.tar) == ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): AR dropped (output[2]): alpha=2.0; "
-                               "TAR raw (output[1]): beta=SchedLin(0.0, 1.0)")
+    contract = "fastai's (logits, raw, dropped)"
+    assert repr(learn.tar) == ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): "
+                               f"AR dropped (output[2]): alpha=2.0; {contract}; TAR raw (output[1]): "
+                               f"beta=SchedLin(0.0, 1.0); time axis 1 (fastai's text modules are batch-first); {contract}")
 
 
 def test_unattached_repr_shows_what_was_passed():
@@ -418,10 +423,12 @@ def test_unattached_repr_shows_what_was_passed():
 
 def test_repr_of_several_layers_and_a_term_that_is_off():
     learn = tiny_learner(TARCallback(alpha=0., all_layers=True, valid_metrics=True))
+    found, axis = "found: each layer of fastai's AWD_LSTM", "time axis 1 (batch_first=True)"
     assert repr(learn.tar) == ("TARCallback(alpha=0.0, beta=1.0, all_layers=True, valid_metrics=True): "
-                               "AR 0.hidden_dps.0 (RNNDropout): alpha=0.0 (off in training); "
-                               "AR 1.output_dp (RNNDropout): alpha=0.0 (off in training); "
-                               "TAR 0.rnns.0 (WeightDropout): beta=1.0; TAR 0.rnns.1 (WeightDropout): beta=1.0")
+                               f"AR 0.hidden_dps.0 (RNNDropout): alpha=0.0 (off in training); {found}; "
+                               f"AR 1.output_dp (RNNDropout): alpha=0.0 (off in training); {found}; "
+                               f"TAR 0.rnns.0 (WeightDropout): beta=1.0; {axis}; {found}; "
+                               f"TAR 0.rnns.1 (WeightDropout): beta=1.0; {axis}; {found}")
 
 
 def test_repr_of_a_set_up_that_cannot_hook_says_why():

@@ -111,7 +111,7 @@ def test_bare_packed_sequence_rejects_a_contradicting_seq_dim():
     "seq_dim=0 would difference rows of different sequences: the unpacked tensor is batch-first, and says so."
     learn = Learner(padded_dls(), PackedClassifier(), loss_func=CrossEntropyLossFlat(),
                     cbs=TARCallback(1., 2., modules='rnn', seq_dim=0))
-    with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of BarePacked's output, 1"):
+    with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of rnn's PackedSequence"):
         quiet_fit(learn)
 
 
@@ -290,16 +290,21 @@ def test_any_integer_seq_dim(seq_dim):
     assert far(2 * ref_tar(cap.outputs[0], seq_dim=1), expected)
 
 
-@pytest.mark.parametrize('model, seq_dim, msg', [
-    (lambda: LM(), 5, r"seq_dim=5 contradicts the time axis of LSTM's output, 1"),
-    (lambda: LM(), 0, r"seq_dim=0 contradicts the time axis of LSTM's output, 1"),
-    (lambda: tiny_lm(), 0, r"seq_dim=0 contradicts the time axis of AWD_LSTM's output, 1"),
-])
-def test_seq_dim_that_contradicts_a_known_layout_is_an_error(model, seq_dim, msg):
-    "nn.LSTM says batch_first and fastai's AWD_LSTM is always batch-first: a seq_dim saying otherwise is an error."
+def test_the_users_seq_dim_wins_over_the_modules_layout():
+    "seq_dim is the user's word on the time axis, also for a stock nn.LSTM (batch_first=True): TAR then runs along it."
+    model, spy = LM(), LossSpy(stop=1)
+    cap = Capture(model.lstm)
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(0., 1., seq_dim=0), spy])
+    quiet_fit(learn)
+    assert spy.added[0] == penalty(ref_tar(cap.outputs[0], seq_dim=0))
+    assert 'time axis 0 (seq_dim=0, yours)' in learn.tar.places
+
+
+def test_a_seq_dim_the_output_lacks_is_an_error():
     spy = LossSpy()
-    learn = Learner(lm_dls(), model(), loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(seq_dim=seq_dim), spy])
-    with pytest.raises(ValueError, match=msg): quiet_fit(learn)
+    learn = Learner(lm_dls(), LM(), loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(seq_dim=5), spy])
+    with pytest.raises(ValueError, match=r"along time axis 5 \(seq_dim=5, yours\), but its output has shape"):
+        quiet_fit(learn)
     assert spy.rows == []
 
 
@@ -316,12 +321,13 @@ class CellLM(nn.Module):
         return self.head(torch.stack(hs, 1))
 
 
-@pytest.mark.parametrize('seq_dim', [None, 0])
-def test_rnn_cell_output_has_no_time_axis(seq_dim):
-    learn = Learner(lm_dls(), CellLM(), loss_func=CrossEntropyLossFlat(),
-                    cbs=TARCallback(modules='cell', seq_dim=seq_dim))
-    with pytest.raises(ValueError, match=r'cannot find a time axis in the output of LSTMCell \(shape \(4, 8\)\)'):
-        quiet_fit(learn)
+def test_a_cell_called_once_per_step_is_one_sequence():
+    "Each call of an LSTMCell is one step, (bs, hidden): joined in call order, TAR runs over the steps."
+    model, spy = CellLM(), LossSpy(stop=1)
+    cap = Capture(model.cell)
+    quiet_fit(Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(modules='cell'), spy]))
+    steps = torch.stack(cap.outputs[:SL], 1)  # the first batch's calls
+    assert spy.added[0] == penalty(ref_penalty(2., 1., steps))
 
 
 def test_unknown_names_fail_in_before_fit_and_missing_modules_are_named_once():
@@ -332,4 +338,5 @@ def test_unknown_names_fail_in_before_fit_and_missing_modules_are_named_once():
     model = LM()
     model.unused = nn.LSTM(8, 8)
     learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=TARCallback(modules='unused'))
-    with pytest.raises(RuntimeError, match=r"TARCallback hooked \['unused'\] but"): quiet_fit(learn)
+    with pytest.raises(RuntimeError, match=r"TARCallback reads unused \(LSTM\) but the learner's forward did not call"):
+        quiet_fit(learn)

@@ -79,7 +79,9 @@ def test_book_lmmodel7_plain_learner_matches_rnn_callback_and_regularizer(dls):
     ours = train(learn)
     assert_same_training(ours, fastai)
     assert ours[2] == [] and hook_ids(learn.model) == set()
-    assert learn.tar.places == "AR dropped (output[2]): alpha=2.0\nTAR raw (output[1]): beta=1.0"
+    contract = "fastai's (logits, raw, dropped)"
+    assert learn.tar.places == (f"AR dropped (output[2]): alpha=2.0; {contract}\n"
+                                f"TAR raw (output[1]): beta=1.0; time axis 1 (batch_first=True); {contract}")
     with learn.no_bar(): preds, _ = learn.get_preds()  # predictions are the logits too
     assert preds.shape == (len(dls.valid) * BS, SL, len(dls.vocab))
 
@@ -197,14 +199,26 @@ class CellLM(Module):
         return (self.head(dropped), raw, dropped) if self.contract else self.head(dropped)
 
 
-def test_contract_model_without_rnn_module_matches_fastai(dls):
-    def make(cbs): torch.manual_seed(0); return Learner(dls, CellLM(len(dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=cbs)
-    assert_same_training(train(make(TARCallback()), n_epoch=2), train(make([RNNCallback(), RNNRegularizer(2., 1.)]), n_epoch=2))
+@pytest.mark.parametrize('tar, contract', [(lambda: TARCallback(contract=True), True),
+                                           (lambda: TARCallback(ar_modules='drop'), False)],
+                         ids=['contract=True', 'cell steps'])
+def test_contract_model_without_rnn_module_matches_fastai(dls, tar, contract):
+    """raw is stacked by hand, not returned by a recurrent module: the contract is not certain, so it is read only
+    with contract=True. A model returning the logits alone gets the same: its cell is found, the cell's one-step
+    calls are joined into raw for TAR, and AR is named on the dropout."""
+    def make(cbs, contract=True):
+        torch.manual_seed(0)
+        return Learner(dls, CellLM(len(dls.vocab), contract=contract), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+    assert_same_training(train(make(tar(), contract), n_epoch=2),
+                         train(make([RNNCallback(), RNNRegularizer(2., 1.)]), n_epoch=2))
 
 
 def test_without_contract_or_rnn_module_the_search_error_comes_at_the_first_batch(dls):
-    learn = Learner(dls, CellLM(len(dls.vocab), contract=False), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
-    with pytest.raises(ValueError, match='found nothing to regularize in CellLM'): quiet_fit(learn)
+    class MLP(Module):
+        def __init__(self, vocab_sz): self.emb, self.head = nn.Embedding(vocab_sz, NH), nn.Linear(NH, vocab_sz)
+        def forward(self, x): return self.head(torch.tanh(self.emb(x)))
+    learn = Learner(dls, MLP(len(dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
+    with pytest.raises(ValueError, match='found nothing to regularize in MLP'): quiet_fit(learn)
     assert hook_ids(learn.model) == set()
 
 
@@ -218,18 +232,20 @@ class PlainLM(Module):
 
 def test_places_before_training_name_both_candidates_and_the_fit_settles_them(dls):
     learn = Learner(dls, lmmodel7(dls), loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter(), TARCallback()])
+    found = "time axis 1 (batch_first=True); found: the last RNN module"
     candidates = ("if the model's forward returns fastai's (logits, raw, dropped):\n"
                   "  AR dropped (output[2]): alpha=2.0\n  TAR raw (output[1]): beta=1.0\n"
                   "otherwise, found from the model's structure:\n"
-                  "  AR rnn (LSTM): alpha=2.0\n  TAR rnn (LSTM): beta=1.0")
+                  f"  AR rnn (LSTM): alpha=2.0; found: the last RNN module\n  TAR rnn (LSTM): beta=1.0; {found}")
     assert learn.tar.places == candidates
     plain = Learner(dls, PlainLM(len(dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
     assert plain.tar.places == candidates  # before a forward, a model's output is not known
     quiet_fit(plain)
-    assert plain.tar.places == "AR rnn (LSTM): alpha=2.0\nTAR rnn (LSTM): beta=1.0"  # AR on the raw LSTM output
+    assert plain.tar.places == f"AR rnn (LSTM): alpha=2.0; found: the last RNN module\nTAR rnn (LSTM): beta=1.0; {found}"
     named = Learner(dls, PlainLM(len(dls.vocab)), loss_func=CrossEntropyLossFlat(),
                     cbs=TARCallback(modules='rnn', ar_modules='drop'))
-    assert named.tar.places == "AR drop (Dropout): alpha=2.0\nTAR rnn (LSTM): beta=1.0"  # named: nothing to decide
+    assert named.tar.places == ("AR drop (Dropout): alpha=2.0; named by you\n"  # named: nothing to decide
+                                "TAR rnn (LSTM): beta=1.0; time axis 1 (batch_first=True); named by you")
     assert TARCallback().places == "found when attached to a learner"
 
 
@@ -248,6 +264,11 @@ B, T, H, V = 4, 5, 6, 7
 t = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype)
 
 
+def read_contract(pred, force=None):
+    "The contract as read from a fastai text model's output (which needs no check of where raw came from)"
+    return certain_contract(pred, nn.Sequential(LinearDecoder(V, H)), {}, force)[0]
+
+
 @pytest.mark.parametrize('pred, layers', [
     ((t(B, T, V), t(B, T, H), t(B, T, H)), 1),  # language model
     ((t(B, 2), t(B, T, H), t(B, T, H)), 1),  # classifier: logits without a time dim (PoolingLinearClassifier)
@@ -255,11 +276,6 @@ t = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype)
     ((t(B, T, V), [t(B, T, 3), t(B, T, H)], [t(B, T, 3), t(B, T, H)]), 2),  # per-layer lists
     ((t(B, T, V), t(B, T, H, dtype=torch.bfloat16), t(B, T, H, dtype=torch.bfloat16)), 1),
 ])
-def read_contract(pred, force=None):
-    "The contract as read from a fastai text model's output (which needs no check of where raw came from)"
-    return certain_contract(pred, nn.Sequential(LinearDecoder(V, H)), {}, force)[0]
-
-
 def test_recognised_as_the_contract(pred, layers):
     c = read_contract(pred)
     assert c.logits is pred[0] and len(c.raw) == len(c.dropped) == layers and c.per_layer == (layers > 1)
