@@ -330,6 +330,7 @@ def ar_sum_count(
     feature_dim: int = -1,
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `h**2` over valid positions and the number of summed elements."
+    if not isinstance(h, Tensor): _check(h, mask, seq_dim)
     if feature_dim % h.dim() != h.dim() - 1: h = h.movedim(feature_dim, -1)
     if h.dim() == 2: h, mask, seq_dim = h.unsqueeze(1), None if mask is None else mask.unsqueeze(1), 1
     seq_dim = _check(h, mask, 0 if seq_dim is None else seq_dim)
@@ -343,6 +344,7 @@ def tar_sum_count(
     feature_dim: int = -1,
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim` and the number of summed elements."
+    if not isinstance(h, Tensor): _check(h, mask, seq_dim)
     if feature_dim % h.dim() != h.dim() - 1:
         seq_dim = [d for d in range(h.dim()) if d != feature_dim % h.dim()].index(seq_dim % h.dim())
         h = h.movedim(feature_dim, -1)

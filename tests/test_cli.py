@@ -78,7 +78,7 @@ def test_help_quotes_the_commands_own_defaults():
 
 
 # --- help() of the public names -----------------------------------------------------------------------------------
-@pytest.mark.parametrize('name', fastai_tar.__all__)
+@pytest.mark.parametrize('name', [n for n in fastai_tar.__all__ if not n.endswith(('Error', 'Regularize'))])
 def test_help_shows_every_argument_with_its_comment(name):
     obj = getattr(fastai_tar, name)
     text = pydoc.render_doc(obj, renderer=pydoc.plaintext)
