@@ -3,4 +3,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == '__main__':  # importing it (doc tools, pydoc) must not run the command line
+    sys.exit(main())

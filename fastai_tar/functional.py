@@ -352,7 +352,10 @@ def tar_sum_count(
     return _apply(_SquaredDiffSum, h, mask, seq_dim, False), _tar_count(h, mask, seq_dim)
 
 
-def mean_of(total: Tensor, count: Tensor | int) -> Tensor:
+def mean_of(
+    total: Tensor,  # a sum from `ar_sum_count` / `tar_sum_count`, or several of them added
+    count: Tensor | int,  # the number of summed elements that came with it (added likewise)
+) -> Tensor:
     "`total / count`, and exactly 0 (not NaN) where nothing was counted: then `total` is 0 as well."
     if isinstance(count, Tensor): return total / count.clamp(min=1).to(total.dtype)
     return total / max(count, 1)
