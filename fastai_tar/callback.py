@@ -132,9 +132,8 @@ class TARCallback(Callback):
         self._capture.open(self.learn, self._recover)
         self._fitting, self._said = True, set()
         self._report.new_fit()
-        if self._plan is not None:
-            if self._plan.holds_for(self.learn.model): self._use_plan()
-            else: self._drop_plan()
+        if self._holding_plan() is not None: self._use_plan()
+        elif self._plan is not None: self._drop_plan()
         self._fastai_regularizer.silence(self.learn.cbs)
         ours = [cb for cb in self.learn.cbs if isinstance(cb, TARCallback)]
         suffix = f'_{ours.index(self) + 1}' if self in ours and ours.index(self) else ''  # `train_tar_2`, ...
@@ -152,6 +151,11 @@ class TARCallback(Callback):
         return bool(locked and locked()) or hasattr(self.learn, 'gather_preds')
 
     # --- the plan ---------------------------------------------------------------------------------------
+    def _holding_plan(self):
+        "The plan, while the model's modules and the arguments are those it was settled for; else None"
+        ok = self._plan is not None and self.learn is not None and self._plan.holds_for(self.learn.model, self.request)
+        return self._plan if ok else None
+
     def _drop_plan(self):
         "The model's modules changed: settle again at the next training forward, and say so if it reads elsewhere"
         self._pending, self._plan = str(self._plan), None
@@ -159,8 +163,8 @@ class TARCallback(Callback):
     def _settle(self, contract, packed):
         self._plan = settle(self.learn.model, self.request, contract, packed)
         if self._pending is not None and str(self._plan) != self._pending:
-            warnings.warn(f"TARCallback: the model changed since its plan was settled, so it was settled again; it "
-                          f"now reads:\n{self._plan}", stacklevel=2)
+            warnings.warn(f"TARCallback: the model's modules (or the callback's arguments) changed since its plan was "
+                          f"settled, so it was settled again; it now reads:\n{self._plan}", stacklevel=2)
         self._pending = None
         self._use_plan()
         self._fastai_regularizer.warn_if_places_differ(self._plan.reads, '; '.join(map(repr, self._plan.reads)))
@@ -182,7 +186,7 @@ class TARCallback(Callback):
                            for c, arg in coef_objects(self.alpha, self.beta, self.modules, self.ar_modules)}
         self._autocast = _autocast_state()
         model = self.learn.model
-        if self._plan is not None and not self._plan.holds_for(model): self._drop_plan()
+        if self._plan is not None and self._holding_plan() is None: self._drop_plan()
         reads = self._reads_now()
         watched = [] if self.contract is False else [m for m in unwrap_model(model).modules()
                                                      if isinstance(m, RECURRENT)]
@@ -289,8 +293,7 @@ class TARCallback(Callback):
     @property
     def reads(self) -> list:
         "The settled plan's reads (`plan.Read`), one per term; [] before the first training batch"
-        return [] if self._plan is None or self.learn is None or not self._plan.holds_for(self.learn.model) \
-            else self._plan.reads
+        return [] if self._holding_plan() is None else self._plan.reads
 
     @property
     def log(self):
@@ -305,7 +308,7 @@ class TARCallback(Callback):
     def places(self) -> str:
         "The plan: what each term reads, its axes and why; before the first training batch, the candidates"
         if self.learn is None: return PrettyString("found when attached to a learner")
-        if self._plan is not None and self._plan.holds_for(self.learn.model): return PrettyString(str(self._plan))
+        if self._holding_plan() is not None: return PrettyString(str(self._plan))
         return PrettyString(describe_candidates(self.learn.model, self.request))
 
     def __repr__(self):

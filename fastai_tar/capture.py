@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from fastai.callback.core import Callback
 from fastai.learner import Learner
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -29,6 +30,7 @@ __all__ = ['Call', 'Forward', 'ForwardCapture', 'read_tensors', 'term_sums']
 # Frames of fastai's training loop: `_with_events` runs every fit, epoch and batch
 _LOOP = {Learner._with_events.__code__, Learner.one_batch.__code__, Learner._do_one_batch.__code__}
 _TORCH_DIR = torch.__file__.rsplit('/', 1)[0]
+_MAX_DEPTH = 20  # frames between the model's call and the learner's method: helpers, wrappers
 
 
 @dataclass
@@ -68,8 +70,10 @@ class _Tap:
         calls = cap.current
         if calls is None: return
         out = args[-1]
+        # (inside a compiled graph, and for inference-mode tensors, there is no version counter to read)
         t = None if torch.compiler.is_compiling() else _first_tensor(out)
-        calls.append(Call(self.group, module, out, None if t is None else t._version, torch.is_grad_enabled()))
+        version = None if t is None or t.is_inference() else t._version
+        calls.append(Call(self.group, module, out, version, torch.is_grad_enabled()))
 
 
 class ForwardCapture:
@@ -120,8 +124,7 @@ class ForwardCapture:
 
     def _root(self, model, args, *output):
         if not output:  # the pre-hook: a forward of the whole model starts
-            caller = _caller()
-            if caller is not None and caller.f_locals.get('self') is self.learn: self.current = []
+            if _called_by(self.learn): self.current = []
             # Outside fastai's loop the hooks are left over from a fit that an exception or a Ctrl-C ended: no
             # event of ours followed (fastai's `_with_events` has no `finally`)
             elif not _in_fastai_loop(): self._stale()
@@ -137,11 +140,18 @@ class ForwardCapture:
         if on_stale is not None: on_stale()
 
 
-def _caller():
-    "The frame that called the model: the first one outside torch (module call, compile and parallel wrappers)."
+def _called_by(learn) -> bool:
+    """Whether the learner itself runs this forward (fastai's `_do_one_batch`, a subclass's `one_batch`, or a helper
+    they call), not a callback's event: the nearest method of either on the stack decides."""
     f = sys._getframe(3)
-    while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR): f = f.f_back
-    return f
+    while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR): f = f.f_back  # module call, compile, DDP
+    for _ in range(_MAX_DEPTH):
+        if f is None: return False
+        owner = f.f_locals.get('self') if 'self' in f.f_code.co_varnames else None
+        if owner is learn: return True
+        if isinstance(owner, Callback): return False
+        f = f.f_back
+    return False
 
 
 def _in_fastai_loop() -> bool:

@@ -251,10 +251,12 @@ def _contract_reads(contract: Contract, req: Request, kinds: list) -> list[Read]
 class Plan:
     "The settled reads for one model, with what the model was when they were settled."
     reads: list
+    request: Request  # the arguments it was settled for: changing one settles it again
     fingerprint: tuple
     model: Any = field(repr=False)  # a weak reference to the learner's model
 
-    def holds_for(self, model) -> bool: return self.model() is model and self.fingerprint == fingerprint(model)
+    def holds_for(self, model, request: Request) -> bool:
+        return self.model() is model and self.request == request and self.fingerprint == fingerprint(model)
 
     @property
     def modules(self) -> list: return list({id(r.module): r.module for r in self.reads if r.module is not None}.values())
@@ -285,7 +287,7 @@ def settle(
     reads = module_reads(model, req, [k for k in KINDS if k not in from_output], packed)
     if from_output: reads = sorted(reads + _contract_reads(contract, req, from_output),
                                    key=lambda r: list(KINDS).index(r.kind))
-    return Plan(reads, fingerprint(model), weakref.ref(model))
+    return Plan(reads, req, fingerprint(model), weakref.ref(model))
 
 
 def watched_modules(model: nn.Module, req: Request) -> list:
