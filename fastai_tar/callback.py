@@ -188,13 +188,19 @@ class TARCallback(Callback):
         model = self.learn.model
         if self._plan is not None and self._holding_plan() is None: self._drop_plan()
         reads = self._reads_now()
-        watched = [] if self.contract is False else [m for m in unwrap_model(model).modules()
-                                                     if isinstance(m, RECURRENT)]
+        watched = [] if self.contract is False else self._recurrent_modules(model)
         if reads is None: watched += watched_modules(model, self.request)  # the plan is settled at this forward
         else: watched += [r.module for r in reads if r.module is not None]
         self._watched = list({id(m): m for m in watched}.values())
         self._groups = {id(m): i for i, m in enumerate(self._watched)}
         self._capture.watch(self._watched)
+
+    def _recurrent_modules(self, model) -> list:
+        "The modules whose outputs can be fastai's `raw`, watched to tell its contract from other tuples"
+        if self._plan is not None and self._plan.recurrent is not None: return self._plan.recurrent
+        found = [m for m in unwrap_model(model).modules() if isinstance(m, RECURRENT)]
+        if self._plan is not None: self._plan.recurrent = found  # kept while the plan holds: the same modules
+        return found
 
     def _reads_now(self) -> list | None:
         "What this batch reads: None where the plan is still to be settled (the first training forward)"
@@ -227,7 +233,9 @@ class TARCallback(Callback):
             calls = [] if fwd is None else fwd.of(self._groups[id(r.module)])
             if not calls and self.training: raise RuntimeError(_not_called_message(r, self.learn.model))
             parts[r] = read_tensors(r, calls, self.training)
-        if self.training and 'length 1' not in self._said: self._warn_if_no_pairs(parts)
+        if self.training and 'first batch' not in self._said:
+            self._said.add('first batch')
+            self._warn_if_no_pairs(parts)
         self._stats = term_sums(parts)
 
     def _contract(self, output, fwd):
@@ -263,7 +271,6 @@ class TARCallback(Callback):
                 warnings.warn(f"TARCallback reads TAR of {r.name} along time axis {r.seq_dim} ({r.axis_why}), which has "
                               "length 1 on the first training batch: TAR has nothing to compare and adds 0. If time is "
                               "another axis, pass seq_dim=", stacklevel=3)
-                self._said.add('length 1')
                 return
 
     @_cleans_up_on_error

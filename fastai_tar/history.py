@@ -35,16 +35,16 @@ class PenaltyHistory:
     def add(self,
         it: int,  # the training iteration (`learn.train_iter`)
         loss: torch.Tensor,  # the plain loss; an unreduced loss is recorded as its mean
-        terms: torch.Tensor,  # float32, one weighted term per target
+        terms,  # one weighted term per target: 0-d tensors, or a 1-d tensor
         coefs: list,  # one float coefficient per target
     ):
-        "Record one batch without reading a value back from the device"
-        row = torch.cat([loss.detach().float().mean().reshape(1), terms.detach().float().reshape(-1)])
+        "Record one batch without reading a value back from the device: one kernel writes the row into the buffer"
+        loss = loss.detach()
         if self._buf is None or self._n_buf == len(self._buf):
-            grown = row.new_empty((max(64, 2 * self._n_buf), len(row)))
+            grown = loss.new_empty((max(64, 2 * self._n_buf), 1 + self.n_terms), dtype=torch.float32)
             if self._buf is not None: grown[:self._n_buf] = self._buf
             self._buf = grown
-        self._buf[self._n_buf] = row
+        torch.stack([loss if loss.dim() == 0 else loss.float().mean(), *terms], out=self._buf[self._n_buf])
         self._n_buf += 1
         self.iters.append(it)
         self.coefs.extend(coefs)

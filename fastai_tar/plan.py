@@ -254,6 +254,7 @@ class Plan:
     request: Request  # the arguments it was settled for: changing one settles it again
     fingerprint: tuple
     model: Any = field(repr=False)  # a weak reference to the learner's model
+    recurrent: list | None = field(default=None, repr=False)  # the model's recurrent modules, once looked up
 
     def holds_for(self, model, request: Request) -> bool:
         return self.model() is model and self.request == request and self.fingerprint == fingerprint(model)

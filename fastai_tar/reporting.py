@@ -41,9 +41,8 @@ class PenaltyReport:
 
     def record(self, it, loss, weighted, coefs):
         "One history row, which also feeds the fit table's epoch means. No `.item()`: no device sync per batch."
-        zero = loss.new_zeros((), dtype=torch.float32)
-        terms = torch.stack([weighted[t].detach().float() if t in weighted else zero for t in self.targets])
-        self.log.add(it, loss, terms, coefs)
+        zero = None if len(weighted) == len(self.targets) else loss.new_zeros((), dtype=torch.float32)
+        self.log.add(it, loss, [weighted[t].detach() if t in weighted else zero for t in self.targets], coefs)
 
     def add_valid(self, stats):
         "Add a validation batch's (sum, count) of each target."
