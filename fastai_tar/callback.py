@@ -12,7 +12,7 @@ from fastcore.basics import PrettyString, store_attr
 from torch.nn.utils.rnn import PackedSequence
 
 from .arguments import ALPHA, BETA, check_arguments, coef_objects, describe_modules
-from .capture import ForwardCapture, read_tensors, term_sums
+from .capture import ForwardCapture, read_item, read_tensors, term_sums
 from .fastai_interop import (RECURRENT, FastaiRegularizerSwitch, certain_contract, check_loss_input, describe,
                              rnn_callback_output)
 from .functional import mean_of
@@ -227,8 +227,7 @@ class TARCallback(Callback):
         for r in reads:
             if r.module is None:
                 if contract is None: self._no_contract(r, output); continue
-                item = (contract.raw if r.kind == 'tar' else contract.dropped)[r.layer]
-                parts[r] = [(item, None, r.seq_dim)]
+                parts[r] = read_item(r, (contract.raw if r.kind == 'tar' else contract.dropped)[r.layer])
                 continue
             calls = [] if fwd is None else fwd.of(self._groups[id(r.module)])
             if not calls and self.training: raise RuntimeError(_not_called_message(r, self.learn.model))

@@ -25,7 +25,7 @@ from .fastai_interop import fastai_output
 from .functional import ar_sum_count, ar_tar_sum_count, tar_sum_count
 from .plan import KINDS
 
-__all__ = ['Call', 'Forward', 'ForwardCapture', 'read_tensors', 'term_sums']
+__all__ = ['Call', 'Forward', 'ForwardCapture', 'read_item', 'read_tensors', 'term_sums']
 
 # Frames of fastai's training loop: `_with_events` runs every fit, epoch and batch
 _LOOP = {Learner._with_events.__code__, Learner.one_batch.__code__, Learner._do_one_batch.__code__}
@@ -247,6 +247,18 @@ def read_tensors(
             h, mask = h.unsqueeze(sd), None if mask is None else mask.unsqueeze(sd)
         parts.append((h, mask, sd))
     return _join_steps(read, parts) if read.seq_dim is not None else parts
+
+
+def read_item(
+    read,  # a `plan.Read` of an item of fastai's (logits, raw, dropped)
+    h: Tensor,  # that item (its layer)
+) -> list[tuple[Tensor, None, int | None]]:
+    "`(h, mask, seq_dim)` of a contract item: batch x time x features, unless `seq_dim` says otherwise"
+    if read.seq_dim is not None and not read.axes_given and h.dim() < 3:
+        raise ValueError(f"TARCallback reads TAR from the model's {read.name}, a {h.dtype} tensor {tuple(h.shape)} "
+                         "without a time axis (fastai's contract is batch x time x features): set beta=0 to read AR "
+                         "only, pass seq_dim= naming its time axis, or return raw with a time axis")
+    return [(h, None, None if read.seq_dim is None else _axis(read, None, h, False))]
 
 
 _SUM_COUNT = {'ar': ar_sum_count, 'tar': tar_sum_count}
