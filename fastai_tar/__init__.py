@@ -10,12 +10,13 @@ __version__ = '0.1.0'
 # fastai_tar.cli` costs no torch or fastai import and `fastai-tar --help` answers at once; the objects are
 # the same as `from fastai_tar.callback import TARCallback` gives.
 _EXPORTS = {'TARCallback': 'callback', 'ar_penalty': 'functional', 'tar_penalty': 'functional',
+            'ar_tar_sum_count': 'functional',
             'ar_sum_count': 'functional', 'tar_sum_count': 'functional', 'mean_of': 'functional'}
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for editors and type checkers, which do not run `__getattr__`
     from .callback import TARCallback
-    from .functional import ar_penalty, ar_sum_count, mean_of, tar_penalty, tar_sum_count
+    from .functional import ar_penalty, ar_sum_count, ar_tar_sum_count, mean_of, tar_penalty, tar_sum_count
 
 
 def __getattr__(name: str):
