@@ -251,7 +251,7 @@ def _epoch_timer(device):
 
 
 def _timed_epochs(learners: dict, epochs: int, seed: int) -> dict:
-    "Median wall and CPU seconds per epoch of each learner (which has an `EpochTimer`), and the overheads over the first"
+    "Median wall and CPU seconds per epoch of each learner (each has an `EpochTimer`), and overheads over the first's"
     from fastai.torch_core import set_seed
     # Variants take turns epoch by epoch, so that load on the machine hits them alike.
     for epoch in range(epochs + 1):
@@ -278,7 +278,7 @@ def train_epochs(
     seed: int = 42,  # same weights, batches and dropout masks for every variant
     device='cpu',  # where the model trains
 ) -> dict:
-    "Median seconds of an AWD-LSTM LM training epoch (no validation): no penalty, `TARCallback`, fastai's `RNNRegularizer`"
+    "Median seconds of an AWD-LSTM LM's training epoch (no validation): no penalty, `TARCallback`, `RNNRegularizer`"
     device = torch.device(device)
     from fastai.callback.rnn import ModelResetter, RNNCallback, RNNRegularizer
     from fastai.data.core import DataLoaders
@@ -311,7 +311,7 @@ def train_epochs(
 
 
 class SmallTSModel(nn.Module):
-    "A small time-series classifier as tsai's LSTM: `batch x variables x steps` in, the last step's LSTM output to a head"
+    "A small time-series classifier as tsai's LSTM: `batch x variables x steps` in, the last step's output to a head"
     def __init__(self, c_in: int = 3, n_hid: int = 64, c_out: int = 4):
         super().__init__()
         self.rnn, self.fc = nn.LSTM(c_in, n_hid, batch_first=True), nn.Linear(n_hid, c_out)

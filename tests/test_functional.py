@@ -230,7 +230,7 @@ def test_gradcheck(seq_dim, shape, masked):
 
 
 def test_runs_of_steps_and_long_rows(monkeypatch):
-    "A sequence larger than a block is cut into runs of steps (one step at least); rows longer than ROW_MAX use the exact sum."
+    "A sequence larger than a block is cut into runs of steps (one at least); rows over ROW_MAX take the exact sum."
     h = torch.randn(2, 6, 9, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
     for chunk in (4, 17, 20):  # one step per block (a step is larger than the block), one, two steps
@@ -453,7 +453,7 @@ def test_bad_time_axis_for_tar(f, kw, text):
 
 @pytest.mark.parametrize('f', [ar_penalty, ar_sum_count])
 def test_ar_ignores_seq_dim(f):
-    "AR has no time axis: any integer seq_dim is accepted and changes nothing, and (batch, features) or (features,) are fine"
+    "AR has no time axis: any integer seq_dim is accepted and changes nothing; (batch, features) and (features,) work"
     want = f(H)
     for sd in (2, -1, 3, 99, -7, np.int64(5)):
         torch.testing.assert_close(f(H, seq_dim=sd), want)
