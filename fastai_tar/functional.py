@@ -185,6 +185,7 @@ def _blocks(L: int, T: int, F: int):
     F = max(F, 1)
     if T * F <= CHUNK_NUMEL:
         n = max(1, CHUNK_NUMEL // max(T * F, 1))
+        n = -(-L // -(-L // n)) if L else n  # blocks of equal size: one shape of scratch views for all of them
         return [(l, min(n, L - l), 0, T) for l in range(0, L, n)]
     k = max(1, CHUNK_NUMEL // F)  # a block is at least one step
     return [(l, 1, t, min(k, T - t)) for l in range(L) for t in range(0, T, k)]
