@@ -1,30 +1,38 @@
 """Measure AR+TAR speed and memory against fastai's expressions, or the callback's cost in a training epoch.
 
 Each row times, forward+backward on the same tensors: fastai's `RNNRegularizer` expressions (AR on a
-dropped copy, TAR on the raw tensor), ours (`ar_penalty`, `tar_penalty`), and one `h.clone()`, the
+dropped copy, TAR on the raw tensor), ours (`ar_tar_sum_count`, as the callback calls it), and one `h.clone()`, the
 memory-traffic floor. The three take turns within every repeat, so that load on the machine hits them
 alike, and are reported as medians. After all rows, the same expressions under `torch.compile` (the
 strongest peer), and ours compiled, are timed for each row, their first call, which compiles, apart.
 The bytes each keeps saved for backward beyond its inputs are counted with
-`torch.autograd.graph.saved_tensors_hooks`. `--train` instead times AWD-LSTM
-language-model epochs on synthetic text with no penalty, with `TARCallback` and with fastai's
-`RNNRegularizer`.
+`torch.autograd.graph.saved_tensors_hooks`. The rows are timed in a child process whose glibc keeps the memory
+it frees (`KEEP_FREED`): otherwise each call's timing depends on what the allocator happened to return to the
+system before it, by up to 2x at these sizes; `--allocator default` times them with glibc's defaults instead.
+`--train` instead times training epochs with no penalty, with `TARCallback` and with a peer: AWD-LSTM
+language-model epochs on synthetic text (the peer: fastai's `RNNRegularizer`), and a small time-series LSTM
+classifier (the peer: fastai's expressions in a hand-written forward hook), where the penalty's fixed costs show.
 """
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .cli import UsageError, check_writable
-from .functional import ar_penalty, tar_penalty
+from .functional import ar_tar_sum_count, mean_of
 
 __all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'compile_naive', 'bench_row',
-           'compiled_columns', 'bench_table', 'format_table', 'format_compile', 'train_epochs', 'format_train', 'run']
+           'compiled_columns', 'bench_table', 'format_table', 'format_compile', 'train_epochs', 'SmallTSModel',
+           'ts_train_epochs', 'format_train', 'KEEP_FREED', 'run']
 
 SHAPES = [(64, 70, 400), (64, 70, 1152), (16, 512, 1024), (8, 2048, 2048)]  # bs x sl x n_hid
 QUICK_SHAPES = [(4, 12, 16), (2, 30, 24)]
@@ -39,8 +47,9 @@ def fastai_penalty(raw, dropped, alpha=ALPHA, beta=BETA):
 
 
 def our_penalty(raw, dropped, alpha=ALPHA, beta=BETA):
-    "The same penalty from `fastai_tar.functional`"
-    return alpha * ar_penalty(dropped) + beta * tar_penalty(raw)
+    "The same penalty from `fastai_tar.functional`, as `TARCallback` takes it: both terms in one call, then the means"
+    (ar, n_ar), (tar, n_tar) = ar_tar_sum_count(dropped, raw)
+    return alpha * mean_of(ar, n_ar) + beta * mean_of(tar, n_tar)
 
 
 def saved_bytes(
@@ -149,18 +158,25 @@ def compiled_columns(
     seed: int = 0,
 ) -> dict:
     """`row` with the median milliseconds of fastai's expressions under `torch.compile` and the seconds of that
-    compile, and of ours compiled (as in a user's compiled model: the penalties trace as the same plain expressions)"""
+    compile, and of ours compiled (as in a user's compiled model: the penalties trace as the same plain expressions).
+    On one thread ours (eager) takes turns with them too, and `ours_per_compiled` compares the two timed in turns:
+    load on the machine then hits both alike. (With more threads, the compiled kernels' spinning OpenMP threads
+    would slow the eager ops: there it compares with the eager phase's `ours_ms`.)"""
     device = torch.device(device)
     raw, dropped = _inputs(tuple(row['shape']), DTYPES[row['dtype']], device, seed)
     compiled, compile_s = compile_naive(raw, dropped, device)
     if compiled is None:
-        return dict(row, compiled_ms=None, ours_compiled_ms=None, ours_per_compiled=None, compile_s=None,
-                    compile_error=compile_s)
+        return dict(row, compiled_ms=None, ours_compiled_ms=None, ours_per_compiled=None, ours_in_turns_ms=None,
+                    compile_s=None, compile_error=compile_s)
     ours = compile_naive(raw, dropped, device, penalty=our_penalty)[0]
-    ms = _medians({'compiled': lambda: _time_grad(compiled, raw, dropped, device),
-                   'ours': lambda: _time_grad(ours, raw, dropped, device)}, repeats)
+    measure = {'compiled': lambda: _time_grad(compiled, raw, dropped, device),
+               'ours': lambda: _time_grad(ours, raw, dropped, device)}
+    in_turns = torch.get_num_threads() == 1
+    if in_turns: measure['eager'] = lambda: _time_grad(our_penalty, raw, dropped, device)
+    ms = _medians(measure, repeats)
     return dict(row, compiled_ms=ms['compiled'], ours_compiled_ms=ms['ours'],
-                ours_per_compiled=row['ours_ms'] / ms['compiled'], compile_s=compile_s, compile_error=None)
+                ours_per_compiled=(ms['eager'] if in_turns else row['ours_ms']) / ms['compiled'],
+                ours_in_turns_ms=ms.get('eager'), compile_s=compile_s, compile_error=None)
 
 
 def bench_table(shapes=SHAPES, dtypes=('float32', 'bfloat16'), repeats: int = 20, device='cpu') -> list[dict]:
@@ -199,8 +215,10 @@ def format_compile(rows: list[dict]) -> str:
             if r.get('compile_s') is not None]
     failed = sorted({r['compile_error'] for r in rows if r.get('compile_error')})
     lines = [f"compiled = torch.compile(backend={COMPILE_BACKEND!r}) of fastai's expressions (ours compiled: of ours, "
-             "as inside a compiled model), timed after all eager columns and after a first call; that call (compiling "
-             "forward and backward) took: " + (', '.join(done) or 'none ran')]
+             "as inside a compiled model), timed after all eager columns and after a first call"
+             + ("; ours/compiled compares ours timed in turns with compiled" if any(
+                 r.get('ours_in_turns_ms') is not None for r in rows) else '')
+             + "; that first call (compiling forward and backward) took: " + (', '.join(done) or 'none ran')]
     lines += [f'torch.compile could not run here: {e}' for e in failed]
     return '\n'.join(lines)
 
@@ -209,6 +227,10 @@ def format_compile(rows: list[dict]) -> str:
 TRAIN_PRESETS = {  # AR/TAR read 32x70x400 activations, as in an AWD-LSTM LM of emb_sz 400; ~1.5 s an epoch on 2 cores
     'default': dict(epochs=6, bs=32, bptt=70, vocab=2000, emb_sz=400, n_hid=512, n_layers=2, batches=8),
     'quick': dict(epochs=2, bs=8, bptt=12, vocab=50, emb_sz=8, n_hid=16, n_layers=2, batches=4),
+}
+TS_PRESETS = {  # tsai's LSTM on 3 variables x 100 steps, hidden 64, batch 64: ~0.35 s an epoch on one core
+    'default': dict(epochs=8, bs=64, c_in=3, seq_len=100, n_hid=64, batches=32),
+    'quick': dict(epochs=2, bs=8, c_in=3, seq_len=12, n_hid=8, batches=4),
 }
 
 
@@ -220,6 +242,37 @@ def synthetic_tokens(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
     toks, cur = [], 0
     for p in picks: cur = int(successors[cur, p]); toks.append(cur)
     return torch.tensor(toks)
+
+
+def _epoch_timer(device):
+    "A callback that keeps the wall and CPU seconds of each training phase: no validation, no fit set-up"
+    from fastai.callback.core import Callback
+
+    class EpochTimer(Callback):
+        order = -100  # runs first in before_train and in after_train: the window holds every batch
+        def __init__(self): self.wall_s, self.cpu_s = [], []
+        def before_train(self): _sync(device); self.start = time.perf_counter(), time.process_time()
+        def after_train(self):
+            _sync(device)
+            self.wall_s.append(time.perf_counter() - self.start[0])
+            self.cpu_s.append(time.process_time() - self.start[1])
+    return EpochTimer()
+
+
+def _timed_epochs(learners: dict, epochs: int, seed: int) -> dict:
+    "Median wall and CPU seconds per epoch of each learner (each has an `EpochTimer`), and overheads over the first's"
+    from fastai.torch_core import set_seed
+    # Variants take turns epoch by epoch, so that load on the machine hits them alike.
+    for epoch in range(epochs + 1):
+        for learn in learners.values():
+            set_seed(seed + epoch)
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    # the first epoch of each variant warms up (allocator, caches, lazy initialisation) and is left out
+    wall = {name: statistics.median(learn.epoch_timer.wall_s[1:]) for name, learn in learners.items()}
+    cpu = {name: statistics.median(learn.epoch_timer.cpu_s[1:]) for name, learn in learners.items()}
+    base = next(iter(learners))
+    return dict(epoch_s=wall, epoch_cpu_s=cpu, overhead_pct={k: 100 * (v / wall[base] - 1) for k, v in wall.items()},
+                overhead_cpu_pct={k: 100 * (v / cpu[base] - 1) for k, v in cpu.items()})
 
 
 def train_epochs(
@@ -234,9 +287,8 @@ def train_epochs(
     seed: int = 42,  # same weights, batches and dropout masks for every variant
     device='cpu',  # where the model trains
 ) -> dict:
-    "Median seconds of a training epoch (no validation) with no penalty, `TARCallback` and fastai's `RNNRegularizer`"
+    "Median seconds of an AWD-LSTM LM's training epoch (no validation): no penalty, `TARCallback`, `RNNRegularizer`"
     device = torch.device(device)
-    from fastai.callback.core import Callback
     from fastai.callback.rnn import ModelResetter, RNNCallback, RNNRegularizer
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
@@ -245,16 +297,6 @@ def train_epochs(
     from fastai.text.data import LMDataLoader
     from fastai.torch_core import set_seed
     from .callback import TARCallback
-
-    class EpochTimer(Callback):
-        "Wall and CPU seconds of each training phase: no validation, no fit set-up"
-        order = -100  # runs first in before_train and in after_train: the window holds every batch
-        def before_fit(self): self.wall_s, self.cpu_s = getattr(self, 'wall_s', []), getattr(self, 'cpu_s', [])
-        def before_train(self): _sync(device); self.start = time.perf_counter(), time.process_time()
-        def after_train(self):
-            _sync(device)
-            self.wall_s.append(time.perf_counter() - self.start[0])
-            self.cpu_s.append(time.process_time() - self.start[1])
 
     n_train = bs * (batches * bptt + 1)
     toks = synthetic_tokens(n_train + bs * (2 * bptt + 1), vocab, seed)
@@ -269,29 +311,79 @@ def train_epochs(
     for name, cbs in variants.items():
         set_seed(seed)
         model = get_language_model(AWD_LSTM, vocab, config=cfg)
-        learn = Learner(DataLoaders(train, valid, device=device), model, loss_func=CrossEntropyLossFlat(),
-                        cbs=[ModelResetter(), EpochTimer(), *cbs()])
-        learners[name] = learn
-    # Variants take turns epoch by epoch, so that load on the machine hits them alike.
-    for epoch in range(epochs + 1):
-        for learn in learners.values():
-            set_seed(seed + epoch)
-            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
-    # the first epoch of each variant warms up (allocator, caches, lazy initialisation) and is left out
-    wall = {name: statistics.median(learn.epoch_timer.wall_s[1:]) for name, learn in learners.items()}
-    cpu = {name: statistics.median(learn.epoch_timer.cpu_s[1:]) for name, learn in learners.items()}
-    return dict(epochs=epochs, bs=bs, bptt=bptt, vocab=vocab, emb_sz=emb_sz, n_hid=n_hid, n_layers=n_layers,
-                batches=batches, device=str(device), epoch_s=wall, epoch_cpu_s=cpu,
-                overhead_pct={k: 100 * (v / wall['no penalty'] - 1) for k, v in wall.items()},
-                overhead_cpu_pct={k: 100 * (v / cpu['no penalty'] - 1) for k, v in cpu.items()})
+        learners[name] = Learner(DataLoaders(train, valid, device=device), model, loss_func=CrossEntropyLossFlat(),
+                                 cbs=[ModelResetter(), _epoch_timer(device), *cbs()])
+    title = (f"AWD-LSTM LM (emb_sz={emb_sz}, n_hid={n_hid}, n_layers={n_layers}, vocab={vocab}), {batches} batches "
+             f"of {bs}x{bptt} tokens per epoch, synthetic text; median of {epochs} epochs")
+    return dict(title=title, epochs=epochs, bs=bs, bptt=bptt, vocab=vocab, emb_sz=emb_sz, n_hid=n_hid,
+                n_layers=n_layers, batches=batches, device=str(device), **_timed_epochs(learners, epochs, seed))
+
+
+class SmallTSModel(nn.Module):
+    "A small time-series classifier as tsai's LSTM: `batch x variables x steps` in, the last step's output to a head"
+    def __init__(self, c_in: int = 3, n_hid: int = 64, c_out: int = 4):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(c_in, n_hid, batch_first=True), nn.Linear(n_hid, c_out)
+
+    def forward(self, x): return self.fc(self.rnn(x.transpose(1, 2))[0][:, -1])
+
+
+def _hooked_fastai_penalty():
+    "fastai's two expressions in a forward hook on the model's LSTM: what one would write by hand, the peer"
+    from fastai.callback.core import Callback
+
+    class HookedFastaiPenalty(Callback):
+        def before_fit(self): self.handle = self.learn.model.rnn.register_forward_hook(self.keep)
+        def after_fit(self): self.handle.remove()
+        def keep(self, module, args, output): self.out = output[0]
+        def after_loss(self):
+            if self.training: self.learn.loss_grad = self.learn.loss_grad + fastai_penalty(self.out, self.out)
+    return HookedFastaiPenalty()
+
+
+def ts_train_epochs(
+    epochs: int = 8,  # timed epochs per variant, after one warm-up epoch
+    bs: int = 64,  # series per batch
+    c_in: int = 3,  # variables per series
+    seq_len: int = 100,  # steps per series
+    n_hid: int = 64,  # LSTM units: AR and TAR read bs x seq_len x n_hid activations
+    batches: int = 32,  # training batches per epoch
+    seed: int = 42,
+    device='cpu',
+) -> dict:
+    """Median seconds of a small time-series LSTM's training epoch (no validation): no penalty, `TARCallback()` (which
+    finds the LSTM: AR and TAR of its output), and fastai's expressions in a hand-written forward hook"""
+    device = torch.device(device)
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fastai.torch_core import set_seed
+    from .callback import TARCallback
+
+    g = torch.Generator().manual_seed(seed)
+    n = bs * batches
+    y = torch.randint(4, (n + bs,), generator=g)
+    # random walks whose drift tells the class: something to learn
+    x = (torch.randn(n + bs, c_in, seq_len, generator=g) + 0.1 * (y[:, None, None] - 1.5)).cumsum(-1) / 10
+    items = list(zip(x, y))
+    dls = DataLoaders(DataLoader(items[:n], bs=bs, shuffle=True, drop_last=True), DataLoader(items[n:], bs=bs),
+                      device=device)
+    variants = {'no penalty': list, 'TARCallback': lambda: [TARCallback()],
+                'forward hook + fastai expressions': lambda: [_hooked_fastai_penalty()]}
+    learners = {}
+    for name, cbs in variants.items():
+        set_seed(seed)
+        learners[name] = Learner(dls, SmallTSModel(c_in, n_hid), loss_func=nn.CrossEntropyLoss(),
+                                 cbs=[_epoch_timer(device), *cbs()])
+    title = (f"Time-series LSTM classifier ({c_in} variables x {seq_len} steps, n_hid={n_hid}; AR and TAR of the LSTM "
+             f"output), {batches} batches of {bs} per epoch, synthetic series; median of {epochs} epochs")
+    return dict(title=title, epochs=epochs, bs=bs, c_in=c_in, seq_len=seq_len, n_hid=n_hid, batches=batches,
+                device=str(device), **_timed_epochs(learners, epochs, seed))
 
 
 def format_train(res: dict) -> str:
     "The epoch times as a Markdown table, with the overhead over no penalty"
-    lines = [f"AWD-LSTM LM (emb_sz={res['emb_sz']}, n_hid={res['n_hid']}, n_layers={res['n_layers']}, "
-             f"vocab={res['vocab']}), {res['batches']} batches of {res['bs']}x{res['bptt']} tokens per epoch, "
-             f"synthetic text; median of {res['epochs']} epochs",
-             '', '| run | epoch s | overhead | epoch CPU s | CPU overhead |', '|---|---:|---:|---:|---:|']
+    lines = [res['title'], '', '| run | epoch s | overhead | epoch CPU s | CPU overhead |', '|---|---:|---:|---:|---:|']
     for k, s in res['epoch_s'].items():
         lines.append(f"| {k} | {s:.3f} | {res['overhead_pct'][k]:+.1f}% | {res['epoch_cpu_s'][k]:.3f} | "
                      f"{res['overhead_cpu_pct'][k]:+.1f}% |")
@@ -356,6 +448,44 @@ def _caveats(rows: list[dict], repeats: int) -> list[str]:
     return notes
 
 
+# glibc keeps what it frees (no mmap'd chunks, no trimming of the heap): in the same process, a call then never pays
+# page faults for memory an earlier call gave back to the system, and the rows compare the code, not that history
+KEEP_FREED = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736'
+_CHILD_FUNCTIONS = ('bench_table', 'train_epochs', 'ts_train_epochs')
+
+
+def _keeps_freed() -> bool:
+    "This process was started with `KEEP_FREED` (glibc reads its tunables at start only)"
+    return KEEP_FREED in os.environ.get('GLIBC_TUNABLES', '')
+
+
+def _measure(calls: list, allocator: str) -> list:
+    """The results of `calls`, `(name, kwargs)` of this module's functions: in this process for `allocator='default'`
+    or where it already keeps freed memory, else in a child process started with `KEEP_FREED`"""
+    if allocator == 'default' or _keeps_freed():
+        return [globals()[name](**kwargs) for name, kwargs in calls]
+    package_parent = str(Path(__file__).resolve().parents[1])  # the child imports this very fastai_tar
+    env = dict(os.environ, GLIBC_TUNABLES=KEEP_FREED,
+               PYTHONPATH=os.pathsep.join([package_parent, *filter(None, [os.environ.get('PYTHONPATH')])]))
+    spec = dict(calls=calls, threads=torch.get_num_threads(), backend=COMPILE_BACKEND)
+    proc = subprocess.run([sys.executable, '-m', __name__], input=json.dumps(spec), capture_output=True, text=True,
+                          env=env)
+    if proc.returncode: raise RuntimeError(f"the bench's child process failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _child():
+    "`python -m fastai_tar.bench`, as `_measure` runs it: the calls read from stdin, their results as JSON on stdout"
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+    spec = json.loads(sys.stdin.read())
+    torch.set_num_threads(spec['threads'])
+    global COMPILE_BACKEND
+    COMPILE_BACKEND = spec['backend']
+    assert all(name in _CHILD_FUNCTIONS for name, _ in spec['calls'])
+    results = [globals()[name](**kwargs) for name, kwargs in spec['calls']]
+    print(json.dumps(results))
+
+
 HISTORY_BATCHES = {'default': 2000, 'quick': 200}  # `--history`: training batches of the measured fit
 HISTORY_FRAME_ROWS = 1_000_000
 
@@ -377,7 +507,14 @@ def run(args) -> int:
     json_path = _json_path(args.json) if args.json else None
     if args.threads is not None: torch.set_num_threads(args.threads)
     env = _environment(device)
+    kept = args.allocator == 'keep' and not args.history
+    env['allocator'] = f'GLIBC_TUNABLES={KEEP_FREED}' if kept else 'default'
     print(f"fastai-tar bench: torch {env['torch']}, {env['device']} ({env['cpu']}), threads={env['threads']}")
+    if kept:
+        print(f"allocator: timed {'in this process, started' if _keeps_freed() else 'in a child process'} with "
+              f"GLIBC_TUNABLES={KEEP_FREED} (glibc keeps the memory it frees, so that no call pays page faults for "
+              "what an earlier one gave back; --allocator default for glibc's defaults)")
+    elif not args.history: print("allocator: glibc's defaults (--allocator default)")
     if args.history:
         from .bench_history import format_history, frame_seconds, history_cost
         res = history_cost(HISTORY_BATCHES['quick' if quick else 'default'])
@@ -385,15 +522,19 @@ def run(args) -> int:
         print(format_history(res))
         out = dict(environment=env, history=res)
     elif args.train:
-        preset = dict(TRAIN_PRESETS['quick' if quick else 'default'])
-        if args.epochs is not None: preset['epochs'] = args.epochs
-        res = train_epochs(**preset, device=device)
+        preset, ts_preset = (dict(p['quick' if quick else 'default']) for p in (TRAIN_PRESETS, TS_PRESETS))
+        if args.epochs is not None: preset['epochs'] = ts_preset['epochs'] = args.epochs
+        res, ts_res = _measure([('train_epochs', dict(preset, device=str(device))),
+                                ('ts_train_epochs', dict(ts_preset, device=str(device)))], args.allocator)
         print(format_train(res))
-        if quick: print("Note: --quick times a tiny model, whose epochs are mostly fastai's per-batch overhead: the "
+        print()
+        print(format_train(ts_res))
+        if quick: print("Note: --quick times tiny models, whose epochs are mostly fastai's per-batch overhead: the "
                         "overheads above say nothing about a real model's; run without --quick for those.")
-        out = dict(environment=env, train=res)
+        out = dict(environment=env, train=res, train_small=ts_res)
     else:
-        rows = bench_table(shapes, dtypes, repeats, device)
+        rows, = _measure([('bench_table', dict(shapes=[list(s) for s in shapes], dtypes=dtypes, repeats=repeats,
+                                                device=str(device)))], args.allocator)
         print(f"AR (alpha={ALPHA:g}, on a dropped copy) + TAR (beta={BETA:g}, on the raw tensor), forward+backward, "
               f"median of {repeats} repeats; saved = bytes kept for backward beyond the inputs")
         print(format_table(rows))
@@ -404,3 +545,6 @@ def run(args) -> int:
         json_path.write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
     return 0
+
+
+if __name__ == '__main__': _child()

@@ -75,12 +75,19 @@ def _bench_arguments(parser):
     parser.add_argument('--repeats', type=int, help='timed repeats per measurement (default: 20; --quick: 3)')
     parser.add_argument('--quick', action='store_true', help='small shapes and few repeats: checks that it works')
     parser.add_argument('--device', help="'cpu' or 'cuda' (default: cuda when available)")
-    parser.add_argument('--train', action='store_true', help='time AWD-LSTM LM epochs with and without TARCallback '
-                        'instead of the penalties alone (--quick: a tiny model)')
+    parser.add_argument('--train', action='store_true', help='time training epochs with and without TARCallback '
+                        'instead of the penalties alone: an AWD-LSTM LM and a small time-series LSTM (--quick: tiny '
+                        'models)')
     parser.add_argument('--history', action='store_true', help="measure learn.tar.history instead: bytes per "
                         "training batch over a long fit, and seconds to build 1M rows (--quick: 200 batches)")
-    parser.add_argument('--epochs', type=int, help='--train: timed epochs per variant (default: 6; --quick: 2)')
+    parser.add_argument('--epochs', type=int, help='--train: timed epochs per variant (default: 6 for the LM, 8 for '
+                        'the time-series model; --quick: 2)')
     parser.add_argument('--threads', type=int, help='torch intra-op threads (default: torch\'s, one per core)')
+    parser.add_argument('--allocator', choices=('keep', 'default'), default='keep',
+                        help="keep: time in a child process whose glibc keeps the memory it frees "
+                        "(GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736), so that "
+                        "timings do not depend on the allocator's history; default: in this process, glibc's "
+                        "defaults (default: keep)")
     parser.add_argument('--json', metavar='PATH', help='also write the figures to this JSON file')
 
 

@@ -1,12 +1,15 @@
 """AR and TAR as pure functions of an activation tensor: torch only, no fastai.
 
 `ar_penalty(h)` is `h.pow(2).mean()` and `tar_penalty(h)` is `(h[:,1:]-h[:,:-1]).pow(2).mean()`
-(Merity et al., AWD-LSTM), with a padding mask, any time axis, float32 accumulation for half
+(Merity et al., AWD-LSTM), with a padding mask, any time and feature axes, float32 accumulation for half
 inputs and exact zeros where nothing is valid. Each is a sum over valid elements divided by
 their count; the `*_sum_count` forms return both so that callers can pool several calls, steps
-or ranks into one mean. The sums are custom autograd functions that keep nothing for backward
-but their inputs, work in blocks of at most `CHUNK_NUMEL` elements with scratch buffers of one
-block (so that temporaries stay small whatever the size of `h`), and write the gradient directly.
+or ranks into one mean, and `ar_tar_sum_count` takes both terms of a layer at once (AR of the dropped output,
+TAR of the raw one, or both of the same tensor) in a single autograd node.
+That node keeps nothing for backward but its inputs. It works in blocks of at most about `CHUNK_NUMEL` elements,
+with two ATen ops per block and term each way, in scratch buffers that each thread makes once and reuses (a fresh
+buffer per call would page-fault on every call), and it writes one gradient per tensor: AR and TAR of the same
+tensor share it.
 Gradients are correct to any order (a backward that builds a graph uses differentiable ops), forward-mode
 AD has a `jvp`, and under `torch.func` transforms or inside `torch.compile` the penalties are the plain
 expression, with the same mask and accumulation semantics, so that transforms and compilers see ops they know.
@@ -14,16 +17,19 @@ Dtypes: float64 (accumulated in float64), float32, float16, bfloat16 and the flo
 and a sign (accumulated in float32, the gradient rounded once to `h`'s dtype); others raise a TypeError.
 """
 import math
+import numbers
+import operator
+import threading
 
 import torch
 from torch import Tensor
 
-__all__ = ['ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count', 'mean_of']
+__all__ = ['ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count', 'ar_tar_sum_count', 'mean_of']
 
-# Elements per block. Eager PyTorch pays a few microseconds per op, so blocks must be large for
-# that to stay small against the memory traffic (2**18 is ~1.5x slower, 2**21 no faster); the
-# scratch buffers stay a bounded 4 MB of float32 each, not a copy of the whole activation.
-CHUNK_NUMEL = 1 << 20
+# Elements per block. Eager PyTorch pays a few microseconds per op, so blocks must be large for that to stay small
+# against the memory traffic, but a block's temporaries should stay in the core's cache: against compiled code,
+# 2**17 (0.5 MB of float32) was best or within 5% of the best from 64x70x400 to 16x512x1024 (2**20: 10-30% slower).
+CHUNK_NUMEL = 1 << 17
 # Longest row whose float32 vector norm stays within ~1e-7 of the exact sum of squares.
 ROW_MAX = 1 << 16
 
@@ -41,321 +47,440 @@ def _acc_dtype(h: Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def _check(h, mask, seq_dim) -> int:
-    "Validate the arguments; return `seq_dim` as a non-negative index."
-    if not isinstance(h, Tensor): raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
+# --- arguments ---------------------------------------------------------------------------------------
+def _axis(value, name: str) -> int:
+    "An integer-like axis (int, numpy integer, 0-d integer tensor), not yet checked against a shape"
+    # bools are integers to Python (`operator.index(True)` is 1), but an axis given as one is a mistake (numpy's
+    # bool has no `__index__`)
+    if isinstance(value, bool) or isinstance(value, Tensor) and value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
+    if isinstance(value, numbers.Integral): return int(value)  # (what dynamo traces for a numpy integer)
+    try: return operator.index(value)
+    except TypeError: raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+
+
+def _check(h, mask, seq_dim, feature_dim, tar: bool, names=('h', 'mask')) -> tuple[int, int]:
+    """Validate one term's arguments; return `(seq_dim, feature_dim)` as non-negative indices of `h`'s dims, where
+    `seq_dim` is only checked against the shape for TAR (AR has no time axis, and returns None for it)"""
+    h_name, mask_name = names
+    if not isinstance(h, Tensor): raise TypeError(f"{h_name} must be a torch.Tensor, got {type(h).__name__}")
     if h.dtype not in SUPPORTED_DTYPES:
-        names = ', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)
-        raise TypeError(f"h must be a floating point tensor of dtype {names}; got {h.dtype}: pass h.float()")
-    if h.dim() < 2: raise ValueError(f"h must have a time and a feature dimension, got shape {tuple(h.shape)}")
-    is_int = isinstance(seq_dim, int) and not isinstance(seq_dim, bool)
-    if not is_int or not -h.dim() <= seq_dim < h.dim() or seq_dim % h.dim() == h.dim() - 1:
-        raise ValueError(f"seq_dim={seq_dim} must name a dimension of h other than the last (features); "
-                         f"h has shape {tuple(h.shape)}: use 1 for batch-first, 0 for sequence-first")
+        dtypes = ', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{h_name} must be a floating point tensor of dtype {dtypes}; got {h.dtype}: pass "
+                        f"{h_name}.float()")
+    sd, fd, n = _axis(seq_dim, 'seq_dim'), _axis(feature_dim, 'feature_dim'), h.dim()
+    if n < (2 if tar else 1):
+        raise ValueError(f"TAR's {h_name} must have a time and a feature dimension, got shape {tuple(h.shape)}" if tar
+                         else f"AR's {h_name} must have a feature dimension, got a 0-d tensor")
+    if not -n <= fd < n:
+        raise ValueError(f"feature_dim={fd} is not a dimension of {h_name}, of shape {tuple(h.shape)}")
+    fd %= n
+    if tar:
+        if not -n <= sd < n:
+            raise ValueError(f"seq_dim={sd} is not a dimension of {h_name}, of shape {tuple(h.shape)}: use 1 for "
+                             "batch-first, 0 for sequence-first")
+        if sd % n == fd:
+            raise ValueError(f"seq_dim={seq_dim} and feature_dim={feature_dim} both name dimension {fd} of {h_name} "
+                             f"(shape {tuple(h.shape)}): TAR needs a time axis other than the feature axis")
+        sd %= n
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True where the position is real data), "
-                            f"got {getattr(mask, 'dtype', type(mask).__name__)}: pass mask.bool()")
-        if mask.shape != h.shape[:-1]:
-            raise ValueError(f"mask must have the shape of h without its last (feature) dimension, "
-                             f"{tuple(h.shape[:-1])}, got {tuple(mask.shape)}")
-        if mask.device != h.device: raise ValueError(f"mask is on {mask.device} but h is on {h.device}")
-    return seq_dim % h.dim()
+            raise TypeError(f"{mask_name} must be a bool tensor (True where the position is real data), "
+                            f"got {getattr(mask, 'dtype', type(mask).__name__)}: pass {mask_name}.bool()")
+        want = h.shape[:fd] + h.shape[fd + 1:]
+        if mask.shape != want:
+            raise ValueError(f"{mask_name} must have the shape of {h_name} without its feature dimension "
+                             f"(feature_dim={feature_dim}), {tuple(want)}, got {tuple(mask.shape)}")
+        if mask.device != h.device: raise ValueError(f"{mask_name} is on {mask.device} but {h_name} is on {h.device}")
+    return (sd if tar else None), fd
 
 
-def _pair_mask(mask: Tensor, seq_dim: int) -> Tensor:
+def _mask_axis(seq_dim: int, feature_dim: int) -> int:
+    "The index of the time axis in a mask, which lacks the feature dim"
+    return seq_dim - (seq_dim > feature_dim)
+
+
+def _pairs(mask: Tensor, axis: int) -> Tensor:
     "A pair (t, t+1) counts only when both of its positions are real data."
-    n = mask.shape[seq_dim] - 1
-    return mask.narrow(seq_dim, 0, n) & mask.narrow(seq_dim, 1, n)
+    n = mask.shape[axis] - 1
+    return mask.narrow(axis, 0, n) & mask.narrow(axis, 1, n)
 
 
-def _valid_pairs(h: Tensor, mask: Tensor | None, seq_dim: int) -> Tensor | None:
-    "The pair mask of `h`'s steps; None without a mask, or with no pair to mask"
-    return _pair_mask(mask, seq_dim) if mask is not None and h.shape[seq_dim] > 1 else None
+def _ar_count(h, mask, fd):
+    return h.numel() if mask is None else mask.sum() * h.shape[fd]
 
 
-def _ar_count(h, mask, seq_dim=None):  # (seq_dim unused: the signature of `_tar_count`)
-    return h.numel() if mask is None else mask.sum() * h.shape[-1]
-
-
-def _tar_count(h, mask, seq_dim):
-    n_pairs = h.shape[seq_dim] - 1
+def _tar_count(h, mask, sd, fd):
+    n_pairs = h.shape[sd] - 1
     if n_pairs <= 0: return 0
-    if mask is None: return h.numel() // h.shape[seq_dim] * n_pairs
-    return _pair_mask(mask, seq_dim).sum() * h.shape[-1]
+    if mask is None: return h.numel() // h.shape[sd] * n_pairs
+    return _pairs(mask, _mask_axis(sd, fd)).sum() * h.shape[fd]
 
 
-# --- cutting `h` into blocks --------------------------------------------------------------------------
-def _plan(h: Tensor, seq_dim: int):
-    """Time steps per block, the pieces along one other dim when a single step exceeds `CHUNK_NUMEL`, and the
-    elements of a block with the two extra steps TAR's backward reads (the size of the scratch buffers)."""
-    step_numel = h.numel() // max(h.shape[seq_dim], 1)
-    if step_numel <= CHUNK_NUMEL:
-        steps = max(1, CHUNK_NUMEL // max(step_numel, 1))
-        return steps, [None], (min(steps, h.shape[seq_dim]) + 2) * step_numel
-    other = max((d for d in range(h.dim()) if d != seq_dim), key=lambda d: h.shape[d])
-    size = h.shape[other]
-    per = max(1, CHUNK_NUMEL * size // step_numel)
-    return 1, [(other, b, min(per, size - b)) for b in range(0, size, per)], 3 * step_numel // size * per
+# --- plain expressions: for torch.func, torch.compile and derivatives of any order ----------------------------
+def _fill(x: Tensor, void: Tensor | None, fd: int) -> Tensor:
+    "`x` with zeros where `void` (a mask without the feature dim) is True: a fill, as padding may hold inf or NaN"
+    return x if void is None else x.masked_fill(void.unsqueeze(fd), 0)
 
 
-def _cut(x: Tensor | None, piece) -> Tensor | None:
-    "`x` narrowed to one piece along the other dim; masks, which lack the feature dim, keep it whole there."
-    if x is None or piece is None or piece[0] >= x.dim(): return x
-    return x.narrow(*piece)
+def _plain_ar(h, mask, fd):
+    return _fill(h.to(_acc_dtype(h)), None if mask is None else ~mask, fd).square().sum()
 
 
-def _spans(start: int, stop: int, step: int):
-    return [(a, min(step, stop - a)) for a in range(start, stop, step)]
+def _pair_void(mask, sd, fd):
+    "True where a pair along `sd` has a padded end; None without a mask or a pair"
+    return None if mask is None or mask.shape[_mask_axis(sd, fd)] < 2 else ~_pairs(mask, _mask_axis(sd, fd))
 
 
-def _rows(m: Tensor | None, seq_dim: int, a: int, k: int) -> Tensor | None:
-    "Mask slice broadcastable against the matching slice of `h`."
-    return None if m is None else m.narrow(seq_dim, a, k).unsqueeze(-1)
+def _plain_tar(h, mask, sd, fd):
+    void = _pair_void(mask, sd, fd)  # (a sequence of one step: no pair, and `diff` is empty)
+    return _fill(torch.diff(h.to(_acc_dtype(h)), dim=sd), void, fd).square().sum()
 
 
-def _steps(x: Tensor, seq_dim: int, n: int) -> tuple:
-    "The shape of `x` with `n` steps along `seq_dim`"
-    return x.shape[:seq_dim] + (n,) + x.shape[seq_dim + 1:]
+def _tangent_ar(h, h_t, mask, fd):
+    acc = _acc_dtype(h)
+    return 2 * _fill(h.to(acc) * h_t.to(acc), None if mask is None else ~mask, fd).sum()
 
 
-class _Scratch:
-    "Buffers made once per call and reused by every block: a fresh allocation per block would fault in new pages"
-    def __init__(self, numel: int, dtype, device):
-        self.numel, self.dtype, self.device, self.bufs = numel, dtype, device, {}
-
-    def __call__(self, name: str, shape) -> Tensor:
-        "A contiguous `shape` view of buffer `name`"
-        n = math.prod(shape)
-        if name not in self.bufs or self.bufs[name].numel() < n:
-            self.bufs[name] = torch.empty(max(n, self.numel), dtype=self.dtype, device=self.device)
-        return self.bufs[name][:n].view(shape)
-
-    def acc(self, x: Tensor) -> Tensor:
-        "`x` in the accumulation dtype: itself for float32/float64, a copy into buffer 'x' for half"
-        return x if x.dtype == self.dtype else self('x', x.shape).copy_(x)
+def _tangent_tar(h, h_t, mask, sd, fd):
+    acc = _acc_dtype(h)
+    void = _pair_void(mask, sd, fd)
+    return 2 * _fill(torch.diff(h.to(acc), dim=sd) * torch.diff(h_t.to(acc), dim=sd), void, fd).sum()
 
 
-def _total(parts, h: Tensor, acc) -> Tensor:
-    # Each part is an accurate sum over one block, and `torch.sum` adds the parts by cascade (pairwise)
-    # summation: the total stays within float32 rounding however many blocks there are.
-    if not parts: return torch.zeros((), dtype=acc, device=h.device)
+# --- the blocked computation, on a canonical (sequences, time, features) view ---------------------------------
+def _canonical(h: Tensor, sd: int | None, fd: int) -> Tensor:
+    """`h` as (L, T, F): features last, time before them and every other dim flattened in front (AR, which has no
+    time axis, takes any two dims before the features: T = 1 where `h` is not 3-D). A view, except for the rare
+    layouts whose leading dims cannot be merged (then a copy)."""
+    x = h.movedim(fd, -1) if fd != h.dim() - 1 else h
+    if sd is None: return x if x.dim() == 3 else x.reshape(math.prod(x.shape[:-1]), 1, x.shape[-1])
+    ms = _mask_axis(sd, fd)
+    if ms != x.dim() - 2: x = x.movedim(ms, -2)
+    return x if x.dim() == 3 else x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
+
+
+def _canonical_mask(mask: Tensor | None, sd: int | None, fd: int) -> Tensor | None:
+    "The mask of `_canonical(h, sd, fd)`: (L, T)"
+    if mask is None: return None
+    if sd is None: return mask if mask.dim() == 2 else mask.reshape(-1, 1)
+    ms = _mask_axis(sd, fd)
+    m = mask.movedim(ms, -1) if ms != mask.dim() - 1 else mask
+    return m.reshape(math.prod(m.shape[:-1]), m.shape[-1])
+
+
+def _uncanonical(g: Tensor, h: Tensor, sd: int | None, fd: int) -> Tensor:
+    "The (L, T, F) gradient `g` as a tensor shaped like `h` (a view)"
+    if h.dim() == 3 and fd == 2 and sd in (None, 1): return g  # `h` was (L, T, F) already
+    shape = h.shape[:fd] + h.shape[fd + 1:] + (h.shape[fd],)  # `h` with its features moved last
+    if sd is None: return g.view(shape).movedim(-1, fd)
+    ms = _mask_axis(sd, fd)
+    moved = shape[:ms] + shape[ms + 1:-1] + (shape[ms], shape[-1])  # and then its time axis before them
+    return g.view(moved).movedim(-2, ms).movedim(-1, fd)
+
+
+def _blocks(L: int, T: int, F: int):
+    """`(l0, nl, t0, k)` blocks of sequences `l0..l0+nl-1`, steps `t0..t0+k-1`: whole sequences where one fits. A block
+    has at most `CHUNK_NUMEL` steps (rows), as many elements unless one step is larger."""
+    F = max(F, 1)
+    if T * F <= CHUNK_NUMEL:
+        n = max(1, CHUNK_NUMEL // max(T * F, 1))
+        n = -(-L // -(-L // n)) if L else n  # blocks of equal size: one shape of scratch views for all of them
+        return [(l, min(n, L - l), 0, T) for l in range(0, L, n)]
+    k = max(1, CHUNK_NUMEL // F)  # a block is at least one step
+    return [(l, 1, t, min(k, T - t)) for l in range(L) for t in range(0, T, k)]
+
+
+_local = threading.local()
+
+
+def _scratch(name: str, shape, dtype, device, init=None) -> Tensor:
+    """A contiguous `shape` view of this thread's buffer `name`, made once and only ever grown: its pages are faulted
+    once, not at every call. The last view of each is kept, so that a training loop's next call finds it made;
+    where `init` is given, it is called on a view when it is made, and what it returns is kept and returned instead.
+    Per thread, so that replicas in threads (`nn.DataParallel`) never share one."""
+    views, shapes = _local.__dict__.setdefault('views', {}), _local.__dict__.setdefault('shapes', {})
+    key, shape = (name, dtype, device), tuple(shape)
+    view = views.get(key)
+    if view is not None and shapes.get(key) == shape: return view
+    bufs, n, shapes[key] = _local.__dict__.setdefault('bufs', {}), math.prod(shape), shape
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < n: buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+    view = buf[:n].view(shape)
+    views[key] = view = view if init is None else init(view)
+    return view
+
+
+def _block(x: Tensor | None, l0: int, nl: int, t0: int, k: int) -> Tensor | None:
+    "Sequences `l0..l0+nl-1`, steps `t0..t0+k-1` of a canonical tensor or mask (itself when that is all of it)"
+    if x is None or l0 == 0 and t0 == 0 and nl == x.shape[0] and k == x.shape[1]: return x
+    return x[l0:l0 + nl, t0:t0 + k]
+
+
+def _in_acc(x: Tensor, acc) -> Tensor:
+    "`x` in the accumulation dtype: itself, or (half, float8) converted into scratch"
+    return x if x.dtype == acc else _scratch('x', x.shape, acc, x.device).copy_(x)
+
+
+def _row_sum(x: Tensor, void: Tensor | None, name: str) -> Tensor:
+    "The sum of `x**2` over rows (the last dim) that `void` does not mark, as a 0-d tensor"
+    rows = _scratch(name, x.shape[:-1], x.dtype, x.device)
+    # A row's vector norm is a short vectorised sum (one norm of a whole tensor drifts by ~1e-3 on 30M float32
+    # elements); beyond ROW_MAX elements a cascade sum keeps it exact. The rows are added by cascade too.
+    if x.shape[-1] <= ROW_MAX: torch.linalg.vector_norm(x, dim=-1, out=rows).square_()
+    else: torch.sum(x.square(), dim=-1, out=rows)
+    if void is not None: rows.masked_fill_(void, 0)  # a fill, not a product: padding may hold inf or NaN
+    return rows.sum()
+
+
+def _total(parts: list, acc, device) -> Tensor:
+    # each part is an accurate sum over one block, and `torch.sum` adds them by cascade summation
+    if not parts: return torch.zeros((), dtype=acc, device=device)
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
-def _row_squares(x: Tensor, out: Tensor) -> Tensor:
-    "`out` = sum of `x**2` along the last dim: one pass, accurate, no temporary the size of `x`."
-    # A row's vector norm is a short vectorised float32 sum (unlike one norm of the whole tensor,
-    # which drifts by ~1e-3 on 30M elements); beyond ROW_MAX elements a cascade sum keeps it exact.
-    if x.shape[-1] <= ROW_MAX: return torch.linalg.vector_norm(x, dim=-1, out=out).square_()
-    return torch.sum(x.square(), dim=-1, out=out)
+def _sums(x: Tensor, ar_void, tar_void, ar: bool, tar: bool) -> tuple:
+    "(AR sum, TAR sum) of the canonical `x`; None for a term not asked for. Voids: True where a row is left out."
+    L, T, F = x.shape
+    acc = _acc_dtype(x)
+    tar_on = tar and T > 1
+    ar_parts, tar_parts = [], []
+    for l0, nl, t0, k in _blocks(L, T, F):
+        n = min(k + 1, T - t0) if tar_on else k  # TAR's last pair of the block reads the next block's first step
+        xb = _in_acc(_block(x, l0, nl, t0, n), acc)  # AR and TAR of the same tensor share one conversion
+        if ar: ar_parts.append(_row_sum(xb if n == k else xb[:, :k], _block(ar_void, l0, nl, t0, k), 'ar'))
+        if tar_on and n > 1:
+            d = torch.sub(xb[:, 1:], xb[:, :-1], out=_scratch('d', (nl, n - 1, F), acc, x.device))
+            tar_parts.append(_row_sum(d, _block(tar_void, l0, nl, t0, n - 1), 'tar'))
+    return (_total(ar_parts, acc, x.device) if ar else None), (_total(tar_parts, acc, x.device) if tar else None)
 
 
-def _scaled_diff(w: Tensor, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    "`out = 2*w*(a-b)` in a single kernel: aten's `mse_loss_backward` (reduction none) is exactly that."
-    # (its functional form zero-fills a fresh output first; the `out=` form writes once)
-    return torch.ops.aten.mse_loss_backward.grad_input(w, a, b, 0, grad_input=out)
+def _u_views(U: Tensor) -> tuple:
+    """Zero the first step of each sequence of U (nl+1, T, F), and return its views that TAR's backward reads: where
+    the u of the nl sequences go, then U flat from its start and from one step on, each the gradient's size"""
+    U[:, 0].zero_()
+    flat, n = U.view(-1), (U.shape[0] - 1) * U.shape[1] * U.shape[2]
+    return U[:-1, 1:], flat[:n].view(U[:-1].shape), flat[U.shape[2]:n + U.shape[2]].view(U[:-1].shape)
 
 
-def _write(out: Tensor, fn, *args, scratch: _Scratch, zero: Tensor | None = None):
-    """`fn(*args, out=out)`, zeroed where `zero` is True, through a float32 buffer when `out` is half or float8 (a
-    mixed-dtype `out=` makes a temporary, and float8 has no arithmetic kernels)"""
-    res = fn(*args, out=out if out.dtype == scratch.dtype else scratch('out', out.shape))
-    if zero is not None: res.masked_fill_(zero, 0)  # a fill, not a product: padding may hold inf
-    return res if res is out else out.copy_(res)
+def _tar_grad_block(x: Tensor, tar_void, g: Tensor, l0: int, nl: int, t0: int, k: int, out: Tensor):
+    "`out` = the TAR gradient of the block's steps; returns those steps of `x` in the accumulation dtype"
+    # d/dh[t] of sum_t g*d_t**2, d_t = h[t+1]-h[t], is u_{t-1} - u_t, with u_t = 2*g*d_t (aten's `mse_loss_backward`,
+    # reduction none) and u_{-1} = u_{T-1} = 0. So u goes into a flat buffer U, one step behind, with zeros where no
+    # pair is, and one subtraction of U and U one step on writes the block: two full passes.
+    L, T, F = x.shape
+    acc = out.dtype
+    if k == T:  # whole sequences: U is (nl+1, T, F), the u of sequence l at [l, 1:], zeros at [:, 0], which the
+        # next sequence's first step reads as its u_{-1} and this one's last as its u_{T-1}; as no other write
+        # touches them, they are zeroed only where the view is made, not at every call of a training loop
+        part, before, after = _scratch('u', (nl + 1, T, F), acc, x.device, init=_u_views)
+        xs, lo = _in_acc(_block(x, l0, nl, 0, T), acc), 0
+        pairs_void = _block(tar_void, l0, nl, 0, T - 1)
+    else:  # a run of steps of one sequence: U is the u of the pairs t0-1 .. t0+k-1, zeros where none is
+        lo, hi = max(t0 - 1, 0), min(t0 + k, T - 1)  # the pairs lo..hi-1 that exist
+        U = _scratch('u_steps', (1, k + 1, F), acc, x.device)
+        if t0 == 0: U[:, 0].zero_()
+        if t0 + k == T: U[:, k].zero_()
+        xs, part = _in_acc(x[l0:l0 + 1, lo:hi + 1], acc), U[:, lo - t0 + 1:hi - t0 + 1]
+        before, after = U[:, :k], U[:, 1:]
+        pairs_void = _block(tar_void, l0, 1, lo, hi - lo)
+    torch.ops.aten.mse_loss_backward.grad_input(g, xs[:, 1:], xs[:, :-1], 0, grad_input=part)
+    if pairs_void is not None: part.masked_fill_(pairs_void[..., None], 0)  # a fill: padding may hold inf
+    torch.sub(before, after, out=out)
+    return xs if k == T else xs[:, t0 - lo:t0 - lo + k]
 
 
-def _blocked_sum(h: Tensor, weights: Tensor | None, seq_dim: int, n: int, block_rows) -> Tensor:
-    "Sum over blocks of steps `a..a+k-1` (of `n`) of `block_rows(scratch, h_piece, a, k)`, rows weighted by a mask."
-    steps, pieces, numel = _plan(h, seq_dim)
-    acc, parts = _acc_dtype(h), []
-    scratch = _Scratch(numel, acc, h.device)
-    for p in pieces:
-        hp, wp = _cut(h, p), _cut(weights, p)
-        for a, k in _spans(0, n, steps):
-            rows = block_rows(scratch, hp, a, k)
-            # fill, not multiply: padding may hold inf or NaN (fp16 overflow), and 0*inf is NaN
-            if wp is not None: rows.masked_fill_(~wp.narrow(seq_dim, a, k), 0)
-            parts.append(rows.sum())
-    return _total(parts, h, acc)
+def _grad(x: Tensor, ar_void, tar_void, g_ar: Tensor | None, g_tar: Tensor | None) -> Tensor:
+    """The gradient of `g_ar * AR sum + g_tar * TAR sum` (either may be None) of the canonical `x`, as a new
+    contiguous (L, T, F) tensor of `x`'s dtype, written once, block by block"""
+    L, T, F = x.shape
+    acc = _acc_dtype(x)
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    wa = None if g_ar is None else 2 * g_ar  # d/dh of g*h**2
+    tar_on = g_tar is not None and T > 1
+    for l0, nl, t0, k in _blocks(L, T, F):
+        gb = _block(grad, l0, nl, t0, k)
+        out = gb if x.dtype == acc else _scratch('g', gb.shape, acc, x.device)
+        if tar_on:
+            xa = _tar_grad_block(x, tar_void, g_tar, l0, nl, t0, k, out)
+            if wa is not None:  # AR of the same tensor adds its term to the same gradient
+                if ar_void is None: out.addcmul_(xa, wa)
+                else:
+                    a = torch.mul(xa, wa, out=_scratch('a', out.shape, acc, x.device))
+                    out.add_(a.masked_fill_(_block(ar_void, l0, nl, t0, k)[..., None], 0))
+        elif wa is not None:
+            torch.mul(_in_acc(_block(x, l0, nl, t0, k), acc), wa, out=out)
+            if ar_void is not None: out.masked_fill_(_block(ar_void, l0, nl, t0, k)[..., None], 0)
+        else: out.zero_()  # TAR of a single step
+        if out is not gb: gb.copy_(out)  # half and float8: rounded once
+    return grad
 
 
-# --- the autograd functions ---------------------------------------------------------------------------
-def _fill(x: Tensor, m: Tensor | None) -> Tensor:
-    "`x` with zeros where the (time-step) mask `m` is False: a fill, not a product, as padding may hold inf or NaN"
-    return x if m is None else x.masked_fill(~m.unsqueeze(-1), 0)
+def _ar_grad(h: Tensor, mask, fd: int, g: Tensor) -> Tensor:
+    "AR's gradient alone"
+    # Unmasked, it is one product over the whole tensor, in `h`'s layout (a 0-dim float32 scale keeps a half `h`
+    # half, rounding once); float8 has no multiplication kernel and takes the blocks.
+    if mask is None and h.dtype in _ARITH: return h * (2 * g)
+    return _uncanonical(_grad(_canonical(h, None, fd), _void(mask, None, fd), None, g, None), h, None, fd)
 
 
-class _PenaltySum(torch.autograd.Function):
-    """Base of the two sums: `forward` is blocked and lean, and saves nothing but `h` and `mask`. First-order
-    backward is blocked as well; when autograd records a graph of the backward (`create_graph=True`, a gradient
-    penalty, a Hessian-vector product) the gradient is instead that of `plain`, the same sum in differentiable
-    torch ops, so that it is correct to any order. `jvp` gives forward-mode AD."""
+def _void(mask, sd, fd, pairs=False):
+    "Where the canonical rows are left out: padding (AR), or pairs with a padded end (TAR)"
+    m = _canonical_mask(mask, sd, fd)
+    if m is None or pairs and m.shape[1] < 2: return None
+    return ~_pairs(m, 1) if pairs else ~m
+
+
+# --- the autograd function ------------------------------------------------------------------------------
+class _ArTarSums(torch.autograd.Function):
+    """(AR sum, TAR sum) in one graph node. `forward` is blocked and lean, and saves nothing but its inputs.
+    First-order backward is blocked as well, and writes one gradient where AR and TAR read the same tensor. When
+    autograd records a graph of the backward (`create_graph=True`: a gradient penalty, a Hessian-vector product)
+    the gradient is instead that of the plain expressions, so that it is correct to any order; `jvp` gives
+    forward-mode AD. A term whose tensor is None has a sum of 0. Axes: TAR's `sd`, each term's feature dim."""
+    # (`forward(ctx, ...)` rather than `setup_context`: `apply` then binds no signature, which cost ~20 us a call.
+    # torch.func never sees this function: under its transforms the penalties are the plain expressions.)
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        h, mask, seq_dim, mean = inputs
-        ctx.save_for_backward(h, mask)
-        ctx.save_for_forward(h, mask)
-        ctx.seq_dim, ctx.mean = seq_dim, mean
+    def forward(ctx, ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, mean):
+        ctx.save_for_backward(ar_h, tar_h, ar_mask, tar_mask)
+        ctx.save_for_forward(ar_h, tar_h, ar_mask, tar_mask)
+        ctx.same, ctx.axes = ar_h is tar_h, (sd, ar_fd, tar_fd, mean)
+        ctx.set_materialize_grads(False)  # an unused term's gradient stays None: nothing to compute for it
+        if ctx.same:
+            x = _canonical(tar_h, sd, tar_fd)
+            ar, tar = _sums(x, _void(ar_mask, sd, ar_fd), _void(tar_mask, sd, tar_fd, True), True, True)
+        else:
+            ar = None if ar_h is None else \
+                _sums(_canonical(ar_h, None, ar_fd), _void(ar_mask, None, ar_fd), None, True, False)[0]
+            tar = None if tar_h is None else \
+                _sums(_canonical(tar_h, sd, tar_fd), None, _void(tar_mask, sd, tar_fd, True), False, True)[1]
+        if ar is None or tar is None: zero = torch.zeros((), device=(tar_h if ar_h is None else ar_h).device)
+        return _means(zero if ar is None else ar, zero if tar is None else tar, ar_h, tar_h, ar_mask, tar_mask,
+                      ctx.axes)
 
-    @classmethod
-    def scale(cls, g: Tensor, h: Tensor, mask, seq_dim: int, mean: bool) -> Tensor:
-        "The incoming gradient (or tangent) of the sum: `g`, divided by the count for a mean"
-        return mean_of(g, cls.count(h, mask, seq_dim)) if mean else g
-
-    @classmethod
-    def backward(cls, ctx, g):
-        h, mask = ctx.saved_tensors
+    @staticmethod
+    def backward(ctx, g_ar, g_tar):
+        ar_h, tar_h, ar_mask, tar_mask = ctx.saved_tensors
+        sd, ar_fd, tar_fd, _ = ctx.axes
+        if ar_h is None: g_ar = None
+        if tar_h is None: g_tar = None
+        g_ar, g_tar = _means(g_ar, g_tar, ar_h, tar_h, ar_mask, tar_mask, ctx.axes)  # the count is recounted
         if torch.is_grad_enabled():  # the engine enables grad mode in backward exactly when create_graph=True
-            with torch.enable_grad():
-                total = cls.plain(h, mask, ctx.seq_dim)
-            grad, = torch.autograd.grad(total, h, cls.scale(g, h, mask, ctx.seq_dim, ctx.mean), create_graph=True)
-        else: grad = cls.blocked_grad(h, mask, ctx.seq_dim, cls.scale(g, h, mask, ctx.seq_dim, ctx.mean))
-        return grad, None, None, None
-
-    @classmethod
-    def jvp(cls, ctx, h_t, *_):
-        h, mask = ctx.saved_tensors
-        return cls.scale(cls.tangent(h, h_t, mask, ctx.seq_dim), h, mask, ctx.seq_dim, ctx.mean)
-
-
-class _SquareSum(_PenaltySum):
-    "sum(h**2 * mask), or its mean over valid elements"
-    count = staticmethod(_ar_count)
+            return _plain_backward(ctx, ar_h, tar_h, ar_mask, tar_mask, g_ar, g_tar)
+        nothing = (None,) * 6
+        if ctx.same:
+            if g_ar is None and g_tar is None: return None, None, *nothing
+            x = _canonical(tar_h, sd, tar_fd)
+            grad = _grad(x, _void(ar_mask, sd, ar_fd), _void(tar_mask, sd, tar_fd, True), g_ar, g_tar)
+            return _uncanonical(grad, tar_h, sd, tar_fd), None, *nothing  # one gradient for both terms
+        ar_grad = None if g_ar is None or not ctx.needs_input_grad[0] else _ar_grad(ar_h, ar_mask, ar_fd, g_ar)
+        tar_grad = None
+        if g_tar is not None and ctx.needs_input_grad[1]:
+            grad = _grad(_canonical(tar_h, sd, tar_fd), None, _void(tar_mask, sd, tar_fd, True), None, g_tar)
+            tar_grad = _uncanonical(grad, tar_h, sd, tar_fd)
+        return ar_grad, tar_grad, *nothing
 
     @staticmethod
-    def plain(h, mask, seq_dim):
-        return _fill(h.to(_acc_dtype(h)), mask).square().sum()
-
-    @staticmethod
-    def tangent(h, h_t, mask, seq_dim):
-        acc = _acc_dtype(h)
-        return 2 * _fill(h.to(acc) * h_t.to(acc), mask).sum()
-
-    @staticmethod
-    def forward(h, mask, seq_dim, mean):
-        def block_rows(scratch, hp, a, k):
-            x = scratch.acc(hp.narrow(seq_dim, a, k))
-            return _row_squares(x, scratch('rows', x.shape[:-1]))
-        total = _blocked_sum(h, mask, seq_dim, h.shape[seq_dim], block_rows)
-        return mean_of(total, _ar_count(h, mask, seq_dim)) if mean else total
-
-    @staticmethod
-    def blocked_grad(h, mask, sd, w):
-        w = 2 * w
-        # (a 0-dim float32 scale keeps a half `h` half; float8 has no multiplication kernel and takes the blocks)
-        if mask is None and h.dtype in _ARITH: return h * w
-        steps, pieces, numel = _plan(h, sd)
-        grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
-        for p in pieces:
-            hp, mp, gp = _cut(h, p), _cut(mask, p), _cut(grad, p)
-            for a, k in _spans(0, h.shape[sd], steps):
-                _write(gp.narrow(sd, a, k), torch.mul, scratch.acc(hp.narrow(sd, a, k)), w, scratch=scratch,
-                       zero=None if mp is None else ~_rows(mp, sd, a, k))
-        return grad
+    def jvp(ctx, ar_t, tar_t, *_):
+        ar_h, tar_h, ar_mask, tar_mask = ctx.saved_tensors
+        sd, ar_fd, tar_fd, _ = ctx.axes
+        if ctx.same: tar_t = ar_t  # the one tensor's tangent arrives once
+        zero = torch.zeros((), device=(tar_h if ar_h is None else ar_h).device)
+        ar = zero if ar_h is None or ar_t is None else _tangent_ar(ar_h, ar_t, ar_mask, ar_fd)
+        tar = zero if tar_h is None or tar_t is None else _tangent_tar(tar_h, tar_t, tar_mask, sd, tar_fd)
+        return _means(ar, tar, ar_h, tar_h, ar_mask, tar_mask, ctx.axes)
 
 
-class _SquaredDiffSum(_PenaltySum):
-    "sum over t of (h[t+1]-h[t])**2 * pair_mask[t] along `seq_dim`, or its mean"
-    count = staticmethod(_tar_count)
+def _plain_backward(ctx, ar_h, tar_h, ar_mask, tar_mask, g_ar, g_tar):
+    "The gradients as a graph of differentiable ops: those of the plain expressions"
+    sd, ar_fd, tar_fd, _ = ctx.axes
 
-    @staticmethod
-    def plain(h, mask, seq_dim):
-        pairs = _valid_pairs(h, mask, seq_dim)
-        return _fill(torch.diff(h.to(_acc_dtype(h)), dim=seq_dim), pairs).square().sum()
+    def term_grad(plain, h, g):
+        # each term by itself: one of two tensors may be made from the other (dropped from raw), and a gradient of
+        # both terms at once would follow that path too
+        with torch.enable_grad(): total = plain()
+        return torch.autograd.grad(total, h, g, create_graph=True)[0]
+    ar_grad = None if g_ar is None else term_grad(lambda: _plain_ar(ar_h, ar_mask, ar_fd), ar_h, g_ar)
+    tar_grad = None if g_tar is None else term_grad(lambda: _plain_tar(tar_h, tar_mask, sd, tar_fd), tar_h, g_tar)
+    if ctx.same: return (tar_grad if ar_grad is None else ar_grad if tar_grad is None else ar_grad + tar_grad), \
+        None, None, None, None, None, None, None
+    return ar_grad, tar_grad, None, None, None, None, None, None
 
-    @staticmethod
-    def tangent(h, h_t, mask, seq_dim):
-        acc = _acc_dtype(h)
-        pairs = _valid_pairs(h, mask, seq_dim)
-        d, d_t = torch.diff(h.to(acc), dim=seq_dim), torch.diff(h_t.to(acc), dim=seq_dim)
-        return 2 * _fill(d * d_t, pairs).sum()
 
-    @staticmethod
-    def forward(h, mask, seq_dim, mean):
-        pairs = _valid_pairs(h, mask, seq_dim)
-
-        def block_rows(scratch, hp, a, k):
-            # differences are taken in float32 (or float64): in half precision they would round (fp16: overflow)
-            x = scratch.acc(hp.narrow(seq_dim, a, k + 1))
-            d = torch.sub(x.narrow(seq_dim, 1, k), x.narrow(seq_dim, 0, k), out=scratch('d', _steps(x, seq_dim, k)))
-            return _row_squares(d, scratch('rows', d.shape[:-1]))
-        total = _blocked_sum(h, pairs, seq_dim, h.shape[seq_dim] - 1, block_rows)
-        return mean_of(total, _tar_count(h, mask, seq_dim)) if mean else total
-
-    @staticmethod
-    def blocked_grad(h, mask, sd, w):
-        # d/dh[t] of sum_t d_t**2, d_t = h[t+1]-h[t], is 2*(d_{t-1} - d_t) with d_{-1} = d_{T-1} = 0: the first
-        # and last steps see one difference, the others two. Each block makes u = 2*w*d once for its steps.
-        T = h.shape[sd]
-        if T < 2: return torch.zeros_like(h)
-        pairs = _valid_pairs(h, mask, sd)
-        steps, pieces, numel = _plan(h, sd)
-        grad, scratch = torch.empty_like(h), _Scratch(numel, _acc_dtype(h), h.device)
-        for p in pieces:
-            hp, pp, gp = _cut(h, p), _cut(pairs, p), _cut(grad, p)
-            for a, k in _spans(0, T, steps):
-                lo, hi = max(a - 1, 0), min(a + k, T - 1)  # steps a..a+k-1 need the differences lo..hi-1
-                n = hi - lo
-                x = scratch.acc(hp.narrow(sd, lo, n + 1))
-                u = _scaled_diff(w, x.narrow(sd, 1, n), x.narrow(sd, 0, n), out=scratch('u', _steps(x, sd, n)))
-                if pp is not None: u.masked_fill_(~_rows(pp, sd, lo, n), 0)  # a fill: padding may hold inf
-                first = max(a, 1)  # steps first..hi-1 see two differences: grad[t] = u[t-1] - u[t]
-                if hi > first:
-                    m = hi - first
-                    _write(gp.narrow(sd, first, m), torch.sub, u.narrow(sd, first - 1 - lo, m),
-                           u.narrow(sd, first - lo, m), scratch=scratch)
-                if a == 0: gp.narrow(sd, 0, 1).copy_(u.narrow(sd, 0, 1).neg())  # one step: a small temporary
-                if a + k == T: gp.narrow(sd, T - 1, 1).copy_(u.narrow(sd, T - 2 - lo, 1))
-        return grad
+def _means(ar, tar, ar_h, tar_h, ar_mask, tar_mask, axes):
+    "`ar` and `tar` (sums, their gradients or tangents) divided by their counts when `axes` asks for means"
+    sd, ar_fd, tar_fd, mean = axes
+    if not mean: return ar, tar
+    return (ar if ar is None or ar_h is None else mean_of(ar, _ar_count(ar_h, ar_mask, ar_fd)),
+            tar if tar is None or tar_h is None else mean_of(tar, _tar_count(tar_h, tar_mask, sd, tar_fd)))
 
 
 # --- public API -------------------------------------------------------------------------------------
-def _apply(fn, h: Tensor, mask, seq_dim: int, mean: bool) -> Tensor:
-    "`fn` on `h`: the lean blocked function eagerly, its plain expression where a compiler or torch.func transforms"
-    # Inside `torch.compile` the plain expression is traced, so that the compiler fuses it into the user's graph
-    # (the blocked code's `out=` writes into scratch buffers would break the graph). Under `torch.func` (grad, vmap,
-    # jacrev, jvp) it is composed of ops that every transform knows. The test is cheap, and `is_compiling()` comes
-    # first so that the compiler reads a constant and never sees the functorch query.
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        total = fn.plain(h, mask, seq_dim)
-        return mean_of(total, fn.count(h, mask, seq_dim)) if mean else total
-    return fn.apply(h, mask, seq_dim, mean)
+def _plain_now() -> bool:
+    "Inside `torch.compile` or `torch.func` transforms: the penalties are traced as their plain expressions"
+    # A compiler then fuses them into the user's graph (the blocked code's `out=` writes into scratch buffers would
+    # break the graph), and every `torch.func` transform (grad, vmap, jacrev, jvp) knows their ops. `is_compiling()`
+    # comes first so that the compiler reads a constant and never sees the functorch query.
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def _terms(ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, mean: bool) -> tuple:
+    "(AR, TAR) sums, or means, of checked arguments: one node eagerly, the plain expressions where traced"
+    if _plain_now():
+        return _means(None if ar_h is None else _plain_ar(ar_h, ar_mask, ar_fd),
+                      None if tar_h is None else _plain_tar(tar_h, tar_mask, sd, tar_fd),
+                      ar_h, tar_h, ar_mask, tar_mask, (sd, ar_fd, tar_fd, mean))
+    return _ArTarSums.apply(ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, mean)
+
+
+def ar_tar_sum_count(
+    ar_h: Tensor | None = None,  # AR's activations (the dropped output); None: no AR term
+    tar_h: Tensor | None = None,  # TAR's activations (the raw output); None: no TAR term; may be `ar_h` itself
+    ar_mask: Tensor | None = None,  # bool, `ar_h`'s shape without its feature dim; True on real data
+    tar_mask: Tensor | None = None,  # bool, `tar_h`'s shape without its feature dim
+    seq_dim: int = 1,  # TAR's time axis (AR needs none)
+    feature_dim: int = -1,  # the feature axis of both tensors (channels-first time series: 1)
+) -> tuple[tuple[Tensor, Tensor | int] | None, tuple[Tensor, Tensor | int] | None]:
+    "((ar_sum, ar_count), (tar_sum, tar_count)) in one autograd node; None for a term whose tensor is None"
+    ar_fd = sd = tar_fd = None
+    if ar_h is not None: ar_fd = _check(ar_h, ar_mask, seq_dim, feature_dim, False, ('ar_h', 'ar_mask'))[1]
+    if tar_h is not None: sd, tar_fd = _check(tar_h, tar_mask, seq_dim, feature_dim, True, ('tar_h', 'tar_mask'))
+    if ar_h is None and tar_h is None: return None, None
+    ar, tar = _terms(ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, False)
+    return (None if ar_h is None else (ar, _ar_count(ar_h, ar_mask, ar_fd)),
+            None if tar_h is None else (tar, _tar_count(tar_h, tar_mask, sd, tar_fd)))
+
+
+def _ar(h, mask, seq_dim, feature_dim, mean: bool) -> Tensor:
+    return _terms(h, None, mask, None, None, _check(h, mask, seq_dim, feature_dim, False)[1], None, mean)[0]
+
+
+def _tar(h, mask, seq_dim, feature_dim, mean: bool) -> Tensor:
+    sd, fd = _check(h, mask, seq_dim, feature_dim, True)
+    return _terms(None, h, None, mask, sd, None, fd, mean)[1]
 
 
 def ar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
-    mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
-    seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
-    feature_dim: int = -1,
+    mask: Tensor | None = None,  # bool, shaped like `h` without its feature dim; True where real data
+    seq_dim: int = 1,  # ignored: AR has no time axis (kept so that AR and TAR take the same arguments)
+    feature_dim: int = -1,  # the feature axis (channels-first: 1); `h` may be `batch x features`
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `h**2` over valid positions and the number of summed elements."
-    if not isinstance(h, Tensor): _check(h, mask, seq_dim)
-    if feature_dim % h.dim() != h.dim() - 1: h = h.movedim(feature_dim, -1)
-    if h.dim() == 2: h, mask, seq_dim = h.unsqueeze(1), None if mask is None else mask.unsqueeze(1), 1
-    seq_dim = _check(h, mask, 0 if seq_dim is None else seq_dim)
-    return _apply(_SquareSum, h, mask, seq_dim, False), _ar_count(h, mask)
+    return _ar(h, mask, seq_dim, feature_dim, False), _ar_count(h, mask, _axis(feature_dim, 'feature_dim') % h.dim())
 
 
 def tar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
-    mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
-    seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
-    feature_dim: int = -1,
+    mask: Tensor | None = None,  # bool, shaped like `h` without its feature dim; True where real data
+    seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first, 2 for `batch x features x time`
+    feature_dim: int = -1,  # the feature axis (channels-first: 1)
 ) -> tuple[Tensor, Tensor | int]:
     "Sum of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim` and the number of summed elements."
-    if not isinstance(h, Tensor): _check(h, mask, seq_dim)
-    if feature_dim % h.dim() != h.dim() - 1:
-        seq_dim = [d for d in range(h.dim()) if d != feature_dim % h.dim()].index(seq_dim % h.dim())
-        h = h.movedim(feature_dim, -1)
-    seq_dim = _check(h, mask, seq_dim)
-    return _apply(_SquaredDiffSum, h, mask, seq_dim, False), _tar_count(h, mask, seq_dim)
+    return _tar(h, mask, seq_dim, feature_dim, False), _tar_count(h, mask, *_check(h, mask, seq_dim, feature_dim, True))
 
 
-def mean_of(
-    total: Tensor,  # a sum from `ar_sum_count` / `tar_sum_count`, or several of them added
-    count: Tensor | int,  # the number of summed elements that came with it (added likewise)
-) -> Tensor:
+def mean_of(total: Tensor, count: Tensor | int) -> Tensor:
     "`total / count`, and exactly 0 (not NaN) where nothing was counted: then `total` is 0 as well."
     if isinstance(count, Tensor): return total / count.clamp(min=1).to(total.dtype)
     return total / max(count, 1)
@@ -363,26 +488,21 @@ def mean_of(
 
 def ar_penalty(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
-    mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
-    seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
+    mask: Tensor | None = None,  # bool, shaped like `h` without its feature dim; True where real data
+    seq_dim: int = 1,  # ignored: AR has no time axis (kept so that AR and TAR take the same arguments)
+    feature_dim: int = -1,  # the feature axis (channels-first: 1); `h` may be `batch x features`
 ) -> Tensor:
     "Activation Regularization: the mean of `h**2` over valid positions (float32 for half and float8 input)."
-    # The mean is taken inside the autograd function, which recounts the mask in backward: nothing
-    # but `h` and `mask` is kept for backward.
-    return _apply(_SquareSum, h, mask, _check(h, mask, seq_dim), True)
+    # The mean is taken inside the autograd node, which recounts the mask in backward: nothing but `h` and `mask`
+    # is kept for backward.
+    return _ar(h, mask, seq_dim, feature_dim, True)
 
 
 def tar_penalty(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
-    mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
-    seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first
+    mask: Tensor | None = None,  # bool, shaped like `h` without its feature dim; True where real data
+    seq_dim: int = 1,  # the time axis: 1 for batch-first, 0 for sequence-first, 2 for `batch x features x time`
+    feature_dim: int = -1,  # the feature axis (channels-first: 1)
 ) -> Tensor:
     "Temporal Activation Regularization: the mean of `(h[t+1]-h[t])**2` over valid pairs along `seq_dim`."
-    return _apply(_SquaredDiffSum, h, mask, _check(h, mask, seq_dim), True)
-
-
-def ar_tar_sum_count(ar_h=None, tar_h=None, ar_mask=None, tar_mask=None, seq_dim=1, feature_dim=-1):
-    "INTERIM (replaced by the fused node): ((ar_sum, ar_count), (tar_sum, tar_count))"
-    ar = None if ar_h is None else ar_sum_count(ar_h, ar_mask, feature_dim=feature_dim)
-    tar = None if tar_h is None else tar_sum_count(tar_h, tar_mask, seq_dim, feature_dim=feature_dim)
-    return ar, tar
+    return _tar(h, mask, seq_dim, feature_dim, True)

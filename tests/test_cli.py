@@ -75,6 +75,11 @@ def test_help_quotes_the_commands_own_defaults():
     text = _help('bench')
     assert '(default: ' + ','.join('x'.join(map(str, s)) for s in bench.SHAPES) + ')' in text
     assert 'from ' + ', '.join(bench.DTYPES) + ' (default: float32,bfloat16)' in text
+    assert f'(GLIBC_TUNABLES={bench.KEEP_FREED})' in ''.join(text.split())  # argparse may wrap it at a '='
+    (lm, lm_quick), (ts, ts_quick) = ((p['default']['epochs'], p['quick']['epochs'])
+                                      for p in (bench.TRAIN_PRESETS, bench.TS_PRESETS))
+    assert f'(default: {lm} for the LM, {ts} for the time-series model; --quick: {ts_quick})' in text
+    assert lm_quick == ts_quick
 
 
 # --- help() of the public names -----------------------------------------------------------------------------------

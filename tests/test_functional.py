@@ -1,6 +1,7 @@
 "Tests of `fastai_tar.functional` against float64 references written here, independently of the module."
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -82,6 +83,141 @@ def test_matches_float64_reference(case):
             torch.testing.assert_close(g.double(), grads(ref, h.double()), **gtol)
 
 
+@st.composite
+def axes_cases(draw):
+    "Any feature axis (channels-first time series among them), any other time axis, given as any integer-like value"
+    ndim = draw(st.sampled_from([2, 3, 3, 4]))
+    shape = tuple(draw(st.integers(1, 5)) for _ in range(ndim))
+    fd, sd = draw(st.permutations(range(ndim)))[:2]
+    as_given = draw(st.sampled_from([int, lambda i: i - ndim, np.int64, torch.tensor]))  # negative, numpy, 0-d
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    h = torch.randn(shape, generator=g).to(dtype)
+    mask_shape = shape[:fd] + shape[fd + 1:]
+    mask = torch.rand(mask_shape, generator=g) < 0.7 if draw(st.booleans()) else None
+    return h, mask, sd, fd, as_given(sd), as_given(fd), draw(st.sampled_from([1, 7, 1 << 20]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(axes_cases())
+def test_feature_dim_matches_float64_reference(case):
+    "feature_dim=: the references see `h` with its features moved last, and the mask with the time axis where it was"
+    h, mask, sd, fd, sd_arg, fd_arg, chunk = case
+    moved_sd = sd - (sd > fd)  # the time axis once the features are moved last
+    tol = dict(rtol=1e-12, atol=1e-12) if h.dtype == torch.float64 else dict(rtol=2e-6, atol=1e-7)
+    gtol = {torch.float64: dict(rtol=1e-12, atol=1e-15), torch.float32: dict(rtol=1e-5, atol=1e-7),
+            torch.bfloat16: dict(rtol=2 ** -8, atol=1e-7)}[h.dtype]
+    refs = ((ar_penalty, lambda x: ref_ar(x.movedim(fd, -1), mask)),
+            (tar_penalty, lambda x: ref_tar(x.movedim(fd, -1), mask, moved_sd)))
+    with chunk_numel(chunk):
+        for ours, ref in refs:
+            f = lambda x: ours(x, mask, seq_dim=sd_arg, feature_dim=fd_arg)
+            torch.testing.assert_close(f(h).double(), ref(h), **tol)
+            g = grads(f, h)
+            assert g.dtype == h.dtype and g.shape == h.shape
+            torch.testing.assert_close(g.double(), grads(ref, h.double()), **gtol)
+
+
+def test_channels_first_as_in_the_issue():
+    "`tar_penalty(h, seq_dim=2, feature_dim=1)` of `batch x features x time` is TAR of its batch-first transpose"
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(4, 6, 9, generator=g)  # batch x features x time
+    mask = torch.rand(4, 9, generator=g) < 0.8  # batch x time
+    torch.testing.assert_close(tar_penalty(h, mask, seq_dim=2, feature_dim=1).double(),
+                               ref_tar(h.transpose(1, 2), mask), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ar_penalty(h, mask, feature_dim=1).double(), ref_ar(h.transpose(1, 2), mask),
+                               rtol=1e-6, atol=1e-7)
+    assert tar_sum_count(h, mask, 2, 1)[1] == (mask[:, 1:] & mask[:, :-1]).sum() * 6
+
+
+# --- the fused pair ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('same', [False, True], ids=['dropped and raw', 'one tensor'])
+@pytest.mark.parametrize('masked', [False, True])
+@pytest.mark.parametrize('chunk', [5, 1 << 20])
+def test_fused_pair_matches_float64_reference(dtype, same, masked, chunk):
+    "AR of one tensor and TAR of another (or the same) in one node: sums, counts and gradients of the references"
+    g = torch.Generator().manual_seed(6)
+    raw = torch.randn(3, 8, 5, generator=g).to(dtype).requires_grad_()
+    dropped = raw if same else torch.randn(3, 8, 5, generator=g).to(dtype).requires_grad_()
+    ar_mask, tar_mask = (torch.rand(3, 8, generator=g) < 0.7, torch.rand(3, 8, generator=g) < 0.7) if masked \
+        else (None, None)
+    with chunk_numel(chunk):
+        (a, na), (t, nt) = tf.ar_tar_sum_count(dropped, raw, ar_mask, tar_mask)
+        assert a.grad_fn is t.grad_fn  # one autograd node
+        loss = 2 * mean_of(a, na) + 3 * mean_of(t, nt)
+        got = torch.autograd.grad(loss, [raw] if same else [dropped, raw])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(mean_of(a, na).double(), ref_ar(dropped, ar_mask), **tol)
+    torch.testing.assert_close(mean_of(t, nt).double(), ref_tar(raw, tar_mask), **tol)
+    d64, r64 = dropped.detach().double().requires_grad_(), raw.detach().double().requires_grad_()
+    ref_loss = 2 * ref_ar(r64 if same else d64, ar_mask) + 3 * ref_tar(r64, tar_mask)
+    want = torch.autograd.grad(ref_loss, [r64] if same else [d64, r64])
+    gtol = {torch.float64: dict(rtol=1e-12, atol=1e-15), torch.float32: dict(rtol=1e-5, atol=1e-7),
+            torch.bfloat16: dict(rtol=2 ** -8, atol=1e-7), torch.float16: dict(rtol=2 ** -10, atol=1e-7)}[dtype]
+    for x, w in zip(got, want):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x.double(), w, **gtol)
+
+
+def test_fused_pair_terms_and_shapes():
+    "A None tensor gives a None term; AR may read a 2-D output while TAR reads a channels-first one"
+    g = torch.Generator().manual_seed(7)
+    raw = torch.randn(2, 4, 6, generator=g, requires_grad=True)  # batch x features x time
+    last = torch.randn(2, 4, generator=g, requires_grad=True)  # batch x features: a many-to-one output
+    assert tf.ar_tar_sum_count() == (None, None)
+    ar, tar = tf.ar_tar_sum_count(last, raw, seq_dim=2, feature_dim=1)
+    torch.testing.assert_close(mean_of(*ar).double(), ref_ar(last))
+    torch.testing.assert_close(mean_of(*tar).double(), ref_tar(raw.transpose(1, 2)))
+    assert ar[1] == 8 and tar[1] == 2 * 5 * 4
+    only_tar = tf.ar_tar_sum_count(tar_h=raw, seq_dim=2, feature_dim=1)
+    assert only_tar[0] is None and torch.equal(only_tar[1][0], tar[0])
+    only_ar = tf.ar_tar_sum_count(ar_h=last)
+    assert only_ar[1] is None and torch.equal(only_ar[0][0], ar[0])
+    # one term used: the other gets no gradient work, and the gradients are those of that term alone
+    ga, = torch.autograd.grad(ar[0], last)
+    torch.testing.assert_close(ga, 2 * last.detach())
+    with pytest.raises(ValueError, match='ar_mask must have the shape of ar_h'):
+        tf.ar_tar_sum_count(last, raw, ar_mask=torch.ones(2, 6, dtype=torch.bool), seq_dim=2, feature_dim=1)
+    with pytest.raises(ValueError, match='seq_dim=1 and feature_dim=1 both name dimension 1 of tar_h'):
+        tf.ar_tar_sum_count(last, raw, feature_dim=1)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_fused_pair_saves_nothing_and_writes_one_gradient(dtype):
+    raw = torch.randn(4, 9, 6).to(dtype).requires_grad_()
+    dropped = torch.randn(4, 9, 6).to(dtype).requires_grad_()
+    mask = torch.rand(4, 9) < 0.7
+
+    def both(r, d, m): return sum(s for s, _ in tf.ar_tar_sum_count(d, r, m, m))
+    assert saved_bytes(both, raw, dropped, mask) == 0
+    assert saved_bytes(lambda r, m: sum(s for s, _ in tf.ar_tar_sum_count(r, r, m, m)), raw, mask) == 0
+    # AR and TAR of one tensor: one gradient, not two summed by autograd
+    (a, _), (t, _) = tf.ar_tar_sum_count(raw, raw)
+    loss = a + t
+    with profile() as prof: torch.autograd.grad(loss, raw)
+    assert [e.name for e in prof.events() if e.name in ('aten::add', 'aten::add_')] == []
+
+
+def test_fused_pair_near_constant_sequences():
+    "Small steps on large values, 30M elements, AR and TAR of one tensor: within 1e-6 of float64, value and gradient"
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(30, 1000, 1000, generator=g).mul_(1e-3).cumsum_(1).add_(100.).requires_grad_()
+    (a, na), (t, nt) = tf.ar_tar_sum_count(h, h)
+    ar_ref = h.detach().double().square().sum().item()
+    d = h.detach()[:, 1:].double() - h.detach()[:, :-1].double()
+    tar_ref = d.square().sum().item()
+    assert abs(a.item() / ar_ref - 1) < 1e-6 and abs(t.item() / tar_ref - 1) < 1e-6
+    grad, = torch.autograd.grad(t, h)
+    # d/dh[t] = 2*(d[t-1] - d[t]): compared on the steps, where it is largest relative to the rounding of h
+    want = torch.zeros(h.shape, dtype=torch.float64)
+    want[:, 1:] += 2 * d
+    want[:, :-1] -= 2 * d
+    del d
+    err = (grad.double() - want).abs().max().item() / want.abs().max().item()
+    assert err < 1e-6
+
+
 @pytest.mark.parametrize('seq_dim,shape', [(1, (3, 9, 5)), (0, (9, 3, 5)), (1, (2, 9, 3, 4)), (2, (2, 3, 9, 4))])
 @pytest.mark.parametrize('masked', [False, True])
 def test_gradcheck(seq_dim, shape, masked):
@@ -93,13 +229,13 @@ def test_gradcheck(seq_dim, shape, masked):
             assert torch.autograd.gradcheck(lambda x: f(x, mask, seq_dim), (h,))
 
 
-def test_pieces_along_features_and_long_rows(monkeypatch):
-    "A time step larger than a block is cut along another dim; rows longer than ROW_MAX use the exact sum."
+def test_runs_of_steps_and_long_rows(monkeypatch):
+    "A sequence larger than a block is cut into runs of steps (one at least); rows over ROW_MAX take the exact sum."
     h = torch.randn(2, 6, 9, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    for chunk in (4, 17):
+    for chunk in (4, 17, 20):  # one step per block (a step is larger than the block), one, two steps
         with chunk_numel(chunk):
-            assert tf._plan(h, 1)[1][0][0] == 2  # the largest other dim, the features, is the one cut
+            assert {k for *_, k in tf._blocks(2, 6, 9)} == {max(1, chunk // 9)}
             for row_max in (2, 1 << 16):
                 monkeypatch.setattr(tf, 'ROW_MAX', row_max)
                 for m in (None, mask):
@@ -254,7 +390,7 @@ def test_nothing_saved_for_backward_but_inputs(dtype, masked):
 
 def _largest_allocation(fn) -> int:
     with profile(profile_memory=True) as prof: fn()
-    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)  # its own, not its callees'
 
 
 def test_temporaries_bounded_by_a_block():
@@ -273,22 +409,57 @@ def test_temporaries_bounded_by_a_block():
 
 # --- bad input: clear errors ---------------------------------------------------------------------------------
 H = torch.randn(2, 5, 3)
+ALL = [ar_penalty, tar_penalty, ar_sum_count, tar_sum_count]
 
 
-@pytest.mark.parametrize('f', [ar_penalty, tar_penalty, ar_sum_count, tar_sum_count])
+@pytest.mark.parametrize('f', ALL)
 @pytest.mark.parametrize('kw,err,text', [
     (dict(h=H, mask=torch.ones(2, 5)), TypeError, 'mask must be a bool'),  # a float mask
     (dict(h=H, mask=torch.ones(2, 5, dtype=torch.long)), TypeError, 'mask must be a bool'),
-    (dict(h=H, mask=torch.ones(2, 5, 3, dtype=torch.bool)), ValueError, r'shape of h without its last.*\(2, 5\)'),
+    (dict(h=H, mask=torch.ones(2, 5, 3, dtype=torch.bool)), ValueError,
+     r'shape of h without its feature dimension \(feature_dim=-1\), \(2, 5\)'),
     (dict(h=H, mask=torch.ones(5, 2, dtype=torch.bool)), ValueError, r'got \(5, 2\)'),
-    (dict(h=H, seq_dim=2), ValueError, 'seq_dim=2 must name a dimension of h other than the last'),  # features
-    (dict(h=H, seq_dim=-1), ValueError, 'seq_dim=-1 must name'),
-    (dict(h=H, seq_dim=3), ValueError, 'seq_dim=3 must name'),
-    (dict(h=H, seq_dim=1.), ValueError, 'seq_dim=1.0 must name'),
+    (dict(h=H, mask=torch.ones(2, 5, dtype=torch.bool), seq_dim=2, feature_dim=1), ValueError,
+     r'shape of h without its feature dimension \(feature_dim=1\), \(2, 3\), got \(2, 5\)'),
+    (dict(h=H, feature_dim=3), ValueError, r'feature_dim=3 is not a dimension of h, of shape \(2, 5, 3\)'),
+    (dict(h=H, feature_dim=1.), TypeError, r'feature_dim must be an integer, got 1.0 \(float\)'),
+    (dict(h=H, feature_dim=True), TypeError, 'feature_dim must be an integer, got the bool True'),
+    (dict(h=H, seq_dim=1.), TypeError, r'seq_dim must be an integer, got 1.0 \(float\)'),
+    (dict(h=H, seq_dim=False), TypeError, 'seq_dim must be an integer, got the bool False'),
+    (dict(h=H, seq_dim=torch.tensor(True)), TypeError, 'seq_dim must be an integer, got the bool'),
+    (dict(h=H, seq_dim=torch.tensor(1.)), TypeError, 'seq_dim must be an integer'),
     (dict(h=torch.ones(2, 5, 3, dtype=torch.long)), TypeError, 'floating point.*h.float'),
-    (dict(h=H[0, 0]), ValueError, 'time and a feature dimension'),  # 1-D: no time axis
+    (dict(h=H[0, 0, 0]), ValueError, 'dimension'),  # 0-d: no feature axis, no time axis
     (dict(h=H.tolist()), TypeError, 'h must be a torch.Tensor, got list'),
-], ids=['float mask', 'long mask', 'mask with features', 'mask transposed', 'seq_dim on features',
-        'seq_dim -1', 'seq_dim out of range', 'seq_dim float', 'integer h', '1-D h', 'list h'])
+], ids=['float mask', 'long mask', 'mask with features', 'mask transposed', 'channels-first mask without time',
+        'feature_dim out of range', 'feature_dim float', 'feature_dim bool', 'seq_dim float', 'seq_dim bool',
+        'seq_dim bool tensor', 'seq_dim float tensor', 'integer h', '0-d h', 'list h'])
 def test_bad_input(f, kw, err, text):
     with pytest.raises(err, match=text): f(**kw)
+
+
+@pytest.mark.parametrize('f', [tar_penalty, tar_sum_count])
+@pytest.mark.parametrize('kw,text', [
+    (dict(seq_dim=2), r"seq_dim=2 and feature_dim=-1 both name dimension 2 of h \(shape \(2, 5, 3\)\)"),
+    (dict(seq_dim=-1), 'seq_dim=-1 and feature_dim=-1 both name dimension 2'),
+    (dict(seq_dim=1, feature_dim=1), 'seq_dim=1 and feature_dim=1 both name dimension 1'),
+    (dict(seq_dim=3), r'seq_dim=3 is not a dimension of h, of shape \(2, 5, 3\)'),
+    (dict(seq_dim=-4), 'seq_dim=-4 is not a dimension of h'),
+], ids=['on features', 'on features, negative', 'feature_dim on time', 'out of range', 'out of range, negative'])
+def test_bad_time_axis_for_tar(f, kw, text):
+    with pytest.raises(ValueError, match=text): f(H, **kw)
+    with pytest.raises(ValueError, match='TAR.s h must have a time and a feature dimension'): f(H[0, 0])  # 1-D
+
+
+@pytest.mark.parametrize('f', [ar_penalty, ar_sum_count])
+def test_ar_ignores_seq_dim(f):
+    "AR has no time axis: any integer seq_dim is accepted and changes nothing; (batch, features) and (features,) work"
+    want = f(H)
+    for sd in (2, -1, 3, 99, -7, np.int64(5)):
+        torch.testing.assert_close(f(H, seq_dim=sd), want)
+    many_to_one = H[:, -1]  # a many-to-one model's dropped output: (batch, features)
+    mask = torch.tensor([True, False])
+    got = f(many_to_one, mask)
+    torch.testing.assert_close(mean_of(*got) if f is ar_sum_count else got, ref_ar(many_to_one, mask).float())
+    got = f(many_to_one[0])
+    torch.testing.assert_close(mean_of(*got) if f is ar_sum_count else got, ref_ar(many_to_one[0]).float())

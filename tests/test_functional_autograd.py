@@ -2,6 +2,7 @@
 `fastai_tar.functional`, against references written here with plain float64 tensor ops."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -263,3 +264,72 @@ def test_compiled_inductor():
     got_grads = torch.autograd.grad(got, list(lin.parameters()))
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads): torch.testing.assert_close(a, b)
+
+
+# --- channels-first outputs and the fused pair, on every path ------------------------------------------------
+def fused_both(h, mask=None, seq_dim=1, feature_dim=-1):
+    "2*AR + TAR of one tensor, through the fused pair (one node)"
+    (a, na), (t, nt) = tf.ar_tar_sum_count(h, h, mask, mask, seq_dim, feature_dim)
+    return 2 * tf.mean_of(a, na) + tf.mean_of(t, nt)
+
+
+CF = {  # batch x features x time, the mask batch x time
+    'ar': (lambda h, m, sd, fd: ar_penalty(h, m, sd, fd), lambda h, m: ref_ar(h.transpose(1, 2), m)),
+    'tar': (lambda h, m, sd, fd: tar_penalty(h, m, sd, fd), lambda h, m: ref_tar(h.transpose(1, 2), m)),
+    'fused': (lambda h, m, sd, fd: fused_both(h, m, sd, fd),
+              lambda h, m: 2 * ref_ar(h.transpose(1, 2), m) + ref_tar(h.transpose(1, 2), m)),
+}
+
+
+@pytest.mark.parametrize('name', list(CF))
+@pytest.mark.parametrize('masked', [False, True])
+def test_channels_first_on_every_path(name, masked, small_blocks):
+    """Eager (blocked), gradgradcheck, torch.func (grad, jacrev, vmap, jvp), forward AD, with the axes given as a
+    numpy integer and a 0-d tensor; and a compiled graph (with int axes: a tensor axis would be data to dynamo)"""
+    ours, ref = CF[name]
+    f = lambda x, m: ours(x, m, torch.tensor(-1), np.int64(1))
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(3, 4, 7, dtype=torch.float64, generator=g)
+    mask = torch.rand(3, 7, generator=g) < 0.7 if masked else None
+    torch.testing.assert_close(f(h, mask), ref(h, mask))
+    torch.testing.assert_close(grad(lambda x: f(x, mask))(h), grad(lambda x: ref(x, mask))(h))
+    x = h.clone().requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(f(x, mask), x)[0], grad(lambda x: ref(x, mask))(h))
+    assert torch.autograd.gradgradcheck(lambda x: f(x, mask), (x,))
+    torch.testing.assert_close(jacrev(lambda x: f(x, mask))(h), jacrev(lambda x: ref(x, mask))(h))
+    per_sample = vmap(grad(lambda x, m: f(x[None], None if m is None else m[None])),
+                      in_dims=(0, None if mask is None else 0))
+    expected = torch.stack([grad(lambda x: ref(x[None], None if mask is None else mask[i:i + 1]))(h[i])
+                            for i in range(len(h))])
+    torch.testing.assert_close(per_sample(h, mask), expected)
+    u = torch.randn_like(h)
+    torch.testing.assert_close(jvp(lambda x: f(x, mask), (h,), (u,)), jvp(lambda x: ref(x, mask), (h,), (u,)))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(f(fwAD.make_dual(h, u), mask))
+    torch.testing.assert_close((out.primal, out.tangent), jvp(lambda x: ref(x, mask), (h,), (u,)))
+    torch.compiler.reset()
+    compiled = torch.compile(lambda x: ours(x, mask, 2, 1), backend='aot_eager', fullgraph=True)
+    x = h.clone().requires_grad_()
+    val = compiled(x)
+    torch.testing.assert_close(val, ref(h, mask))
+    torch.testing.assert_close(torch.autograd.grad(val, x)[0], grad(lambda x: ref(x, mask))(h))
+
+
+def test_fused_pair_second_order_with_two_tensors(small_blocks):
+    "A gradient penalty through AR of one tensor and TAR of another, both made by one LSTM: the plain formula's"
+    lstm, x, mask = lstm_data(2)
+    params = list(lstm.parameters())
+
+    def gp_grads(pair):
+        out, _ = lstm(x)
+        dropped = out * 0.5
+        loss = pair(dropped, out)
+        gx, = torch.autograd.grad(loss, x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), params)
+
+    def ours(d, r):
+        (a, na), (t, nt) = tf.ar_tar_sum_count(d, r, mask, mask)
+        return 2 * tf.mean_of(a, na) + tf.mean_of(t, nt)
+    for got, want in zip(gp_grads(ours), gp_grads(lambda d, r: 2 * ref_ar(d, mask) + ref_tar(r, mask))):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
