@@ -480,7 +480,10 @@ def tar_sum_count(
     return _tar(h, mask, seq_dim, feature_dim, False), _tar_count(h, mask, *_check(h, mask, seq_dim, feature_dim, True))
 
 
-def mean_of(total: Tensor, count: Tensor | int) -> Tensor:
+def mean_of(
+    total: Tensor,  # a sum, e.g. the first item of `ar_sum_count`
+    count: Tensor | int,  # how many elements it summed
+) -> Tensor:
     "`total / count`, and exactly 0 (not NaN) where nothing was counted: then `total` is 0 as well."
     if isinstance(count, Tensor): return total / count.clamp(min=1).to(total.dtype)
     return total / max(count, 1)

@@ -9,14 +9,11 @@ A block may carry a marker: an HTML comment on the line before its fence, `<!-- 
   installed (`fastai_tar[distributed]`), else with a stand-in for the one name `fastai.distributed` reads from it.
 - `needs-tsai`, `needs-tsfast`, `needs-lightning`, `needs-gpu`: needs a package that is not a dependency (or a
   GPU). The block is compiled, not run; the page shows a runnable stand-in next to it.
-- `needs-feature-dim`: needs `feature_dim=` in `TARCallback`, `ar_penalty` and `tar_penalty`. Compiled, not run,
-  while the installed version lacks it; once it has it, the block runs and a test fails until the marker is removed.
 A block that is not run must not define names that later blocks of its page use.
 
 The tiny size changes data and model sizes, never the text: the Python documentation corpus is cut to every 12th
 document, fastai's AWD-LSTM configs to a few dozen units."""
 import contextlib
-import inspect
 import re
 import socket
 import sys
@@ -31,8 +28,6 @@ from fastai.text.models.core import _model_meta
 from fastai.text.models.awdlstm import AWD_LSTM
 
 import fastai_tar.corpus
-from fastai_tar.callback import TARCallback
-from fastai_tar.functional import ar_penalty, tar_penalty
 
 ROOT = Path(__file__).parents[1]
 README = ROOT / 'README.md'
@@ -41,8 +36,7 @@ PYTHON_BLOCK = re.compile(r'^```python\n(.*?)^```$', re.S | re.M)
 MARKER = re.compile(r'<!--\s*(?:readme|docs)-test:\s*(\S+)\s*-->')
 NOT_RUN = {  # marker: why the block is compiled but not run
     'needs-tsai': 'tsai is not a dependency', 'needs-tsfast': 'tsfast is not a dependency',
-    'needs-lightning': 'Lightning is not a dependency', 'needs-gpu': 'needs a CUDA GPU',
-    'needs-feature-dim': 'this version has no feature_dim argument yet'}
+    'needs-lightning': 'Lightning is not a dependency', 'needs-gpu': 'needs a CUDA GPU'}
 MARKERS = {'no-launcher', *NOT_RUN}
 
 
@@ -59,10 +53,6 @@ def readme_blocks(text: str, name: str = 'README.md') -> list[tuple[int, str, st
 
 
 def page_blocks(page: Path): return readme_blocks(page.read_text(encoding='utf-8'), page.relative_to(ROOT).as_posix())
-
-
-def has_feature_dim() -> bool:
-    return all('feature_dim' in inspect.signature(f).parameters for f in (TARCallback, ar_penalty, tar_penalty))
 
 
 def _refuse(*args, **kwargs): raise ConnectionRefusedError('a README snippet tried to reach the network')
@@ -115,8 +105,7 @@ def one_process(mp):
         if saved is not None: sys.modules['fastai.distributed'] = saved
 
 
-def _skipped(marker) -> bool:
-    return marker in NOT_RUN and not (marker == 'needs-feature-dim' and has_feature_dim())
+def _skipped(marker) -> bool: return marker in NOT_RUN
 
 
 @pytest.mark.parametrize('page', [p for p in PAGES if page_blocks(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -146,13 +135,6 @@ def test_pages_cite_no_test_names():
     for page in PAGES:
         text = page.read_text(encoding='utf-8')
         assert not re.findall(r'test_\w+::test_\w+|`test_\w+`', text), page.name
-
-
-def test_feature_dim_markers_are_current():
-    "Once feature_dim exists, the blocks marked as needing it must run: remove their markers"
-    if not has_feature_dim(): pytest.skip('this version has no feature_dim argument: the marked blocks wait for it')
-    marked = [f'{p.name}:{line}' for p in PAGES for line, _, m in page_blocks(p) if m == 'needs-feature-dim']
-    assert not marked, f"remove <!-- docs-test: needs-feature-dim --> before these blocks: {marked}"
 
 
 def test_offline_fixture_refuses_downloads(offline):
