@@ -1,5 +1,6 @@
 "`TARCallback`: AR and TAR of recurrent activations, added to a fastai learner's training loss."
 import functools
+import operator
 import sys
 import warnings
 from typing import Any
@@ -70,7 +71,7 @@ class TARCallback(Callback):
     order, run_valid = GradientAccumulation.order - 1, True
     # Per-batch and per-fit state: not pickled by `learn.export()`, rebuilt by `_init_state`.
     _stateattrs = ('_report', '_capture', '_plan', '_stats', '_coefs', '_autocast', '_groups', '_watched', '_pending',
-                  '_said')
+                  '_said', '_batch_hooks')
 
     def __init__(self,
         alpha: Any = ALPHA,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or a list
@@ -97,7 +98,9 @@ class TARCallback(Callback):
         self._said = set()  # the one-off warnings given in this fit
         self._clear_batch()
 
-    def _clear_batch(self): self._stats, self._coefs, self._autocast, self._groups, self._watched = {}, {}, None, {}, []
+    def _clear_batch(self):
+        self._stats, self._coefs, self._autocast, self._groups, self._watched = {}, {}, None, {}, []
+        self._batch_hooks = False  # hooks opened for this batch alone
 
     @property
     def request(self) -> Request:
@@ -179,7 +182,6 @@ class TARCallback(Callback):
     # --- one batch: hooks from before_batch to after_pred, the penalty in after_loss ---------------------------
     @_cleans_up_on_error
     def before_batch(self):
-        self._capture.unwatch()  # a batch that a callback cancelled before after_pred left them
         self._clear_batch()
         if self.training:  # errors of a schedule come here, before MixedPrecision opens autocast
             self._coefs = {id(c): coef_at(c, self.pct_train, arg)
@@ -193,6 +195,9 @@ class TARCallback(Callback):
         else: watched += [r.module for r in reads if r.module is not None]
         self._watched = list({id(m): m for m in watched}.values())
         self._groups = {id(m): i for i, m in enumerate(self._watched)}
+        # A batch run without before_fit (`get_preds(inner=True)`) gets hooks for itself alone
+        self._batch_hooks = not self._capture.is_open
+        if self._batch_hooks: self._capture.open(self.learn, self._recover)
         self._capture.watch(self._watched)
 
     def _recurrent_modules(self, model) -> list:
@@ -211,7 +216,7 @@ class TARCallback(Callback):
     @_cleans_up_on_error
     def after_pred(self):
         fwd = self._capture.forward
-        self._capture.unwatch()
+        self._capture.forget()
         output = fwd.output if fwd is not None else rnn_callback_output(self.learn, self.learn.pred)
         contract, why_not = self._contract(output, fwd)
         if contract is not None:
@@ -278,11 +283,12 @@ class TARCallback(Callback):
         reads = self._plan.reads
         coefs = [self._coefs[id(r.coef)] for r in reads]  # zeros too, so that the history shows each one used
         weighted = {r: c * mean_of(*self._stats[r]) for r, c in zip(reads, coefs) if r in self._stats}
-        if weighted: self.learn.loss_grad = self.learn.loss_grad + sum(weighted.values())
+        if weighted: self.learn.loss_grad = self.learn.loss_grad + functools.reduce(operator.add, weighted.values())
         self._report.record(self.train_iter, self.learn.loss, weighted, coefs)
 
     def after_batch(self):
-        self._capture.unwatch()  # still there if a callback cancelled the batch before the forward pass
+        if self._batch_hooks: self._capture.close()
+        self._capture.forget()  # a batch that a callback cancelled before after_pred left its forward
         if not self.training and self._stats: self._report.add_valid(self._stats)
         self._clear_batch()  # in training the sums hold the graph, and so the activations
 

@@ -77,11 +77,13 @@ class _Tap:
 
 
 class ForwardCapture:
-    """Hooks on the model from `open` to `close` (a fit, or a `get_preds`) that tell the learner's own forwards apart,
-    and on the watched modules from `watch` to `unwatch` (a batch); `forward`: the learner's last forward."""
+    """Hooks on the model, from `open` to `close` (a fit, or a `get_preds`), that tell the learner's own forwards apart,
+    and on the watched modules, from `watch` until other modules are watched or `close`. `forward`: the learner's
+    forward of this batch, until `forget`: no activation outlives its batch."""
     def __init__(self):
         self.current = None  # the calls of the learner's forward in progress
-        self.forward, self.learn, self.on_stale, self.root_handles, self.handles = None, None, None, [], []
+        self.forward, self.learn, self.on_stale, self.root_handles = None, None, None, []
+        self.handles = []  # (module, hook handle) of each watched module
         self.root = None  # the model the root hooks are on
 
     @property
@@ -98,19 +100,22 @@ class ForwardCapture:
         self.root = learn.model
 
     def watch(self,
-        modules: list,  # the modules to watch in this batch, group i for modules[i]
+        modules: list,  # the modules to watch, group i for modules[i]: the same list as last time keeps its hooks
     ):
-        self.unwatch()
-        self.handles = [m.register_forward_hook(_Tap(self, i)) for i, m in enumerate(modules)]
+        self.forget()
+        if [m for m, _ in self.handles] == modules: return
+        for _, h in self.handles: h.remove()
+        self.handles = [(m, m.register_forward_hook(_Tap(self, i))) for i, m in enumerate(modules)]
 
-    def unwatch(self):
-        "Remove the modules' hooks and forget the forward: no activation outlives its batch."
-        for h in self.handles: h.remove()
-        self.handles, self.current, self.forward = [], None, None
+    def forget(self):
+        "Drop what the last forward captured."
+        self.current, self.forward = None, None
 
     def close(self, running=False):
         "Remove every hook; `running`: from inside the root forward hook, whose dict torch is iterating over."
-        self.unwatch()
+        self.forget()
+        for _, h in self.handles: h.remove()
+        self.handles = []
         if running:
             pre, post = self.root_handles
             pre.remove()
