@@ -23,6 +23,41 @@ from models import (BOOK_BS, BOOK_NH, BOOK_SL, BPTT, LENGTHS, NoRNN, PlainLM, en
                     lmmodel7)
 
 
+# --- losses: a tuple reaches the loss only where the loss takes it ---------------------------------------------------
+class PairLM(PlainLM):
+    "A model returning (logits, raw): not the contract."
+    def forward(self, x):
+        raw = self.rnn(self.i_h(x))[0]
+        return self.h_o(self.drop(raw)), raw
+
+
+def test_a_tuple_reaching_a_tensor_loss_is_our_error_not_an_attribute_error(book_dls):
+    learn = Learner(book_dls, PairLM(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
+    with pytest.raises(TupleLossError, match=r"tuple of 2 .* reach the loss CrossEntropyLossFlat.*it has 2 items, not "
+                                             r"three\. Return only the logits"):
+        quiet_fit(learn)
+    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=nn.CrossEntropyLoss(), cbs=[ModelResetter(), TARCallback(contract=False)])
+    with pytest.raises(TupleLossError, match=r"CrossEntropyLoss.*TARCallback\(contract=False\) leaves tuples to the loss"):
+        quiet_fit(learn)
+    assert hook_ids(learn.model) == set()
+
+
+def test_a_loss_that_takes_the_tuple_keeps_working(book_dls):
+    "contract=False hands LMModel7's tuple to the user's loss; a tuple the rule does not recognise reaches it anyway."
+    seen = []
+    def tuple_loss(pred, y):
+        seen.append(type(pred))
+        return CrossEntropyLossFlat()(pred[0], y) + 0.5 * pred[1].pow(2).mean()
+    spy = LossSpy()
+    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=tuple_loss, cbs=[ModelResetter(), spy,
+                                                                  TARCallback(modules='rnn', ar_modules='drop', contract=False)])
+    quiet_fit(learn)
+    assert set(seen) == {tuple} and min(spy.added) > 1e-3  # the loss got the tuple, the hooks the activations
+    seen.clear()
+    quiet_fit(Learner(book_dls, PairLM(len(book_dls.vocab)), loss_func=tuple_loss, cbs=TARCallback()))
+    assert set(seen) == {tuple}
+
+
 class AuxCE(nn.CrossEntropyLoss):
     "A torch loss subclass taking (logits, aux): cross-entropy plus a small penalty of its own on aux."
     def forward(self, pred, y):
@@ -142,7 +177,7 @@ def test_two_callbacks_on_a_contract_model_both_read_the_output(book_dls):
     assert spy.added == [penalty(e) for e in expected]
 
 
-# --- the fastai book's chapter 12 and fastai's AWD-LSTM: the same training as fastai's RNNCallback + RNNRegularizer ---
+# --- the fastai book's chapter 12: the same training as fastai's RNNCallback + RNNRegularizer ------------------------
 def train(learn, n_epoch=3, **kw):
     """A multi-epoch one-cycle fit as in the chapter (wd=0.1), reseeded so that every run draws the same dropout masks;
     per training batch (loss, loss_grad) after every callback's after_loss, the final weights, the warnings."""
@@ -204,6 +239,7 @@ def test_book_lmmodel7_with_named_modules_matches_fastai(book_dls):
     assert_same_training(ours, fastai)
 
 
+# --- fastai's AWD-LSTM: the same training as language_model_learner --------------------------------------------------
 def awd_lm(dls, seed=0):
     torch.manual_seed(seed)
     return get_language_model(AWD_LSTM, len(dls.vocab), config=tiny_config())
@@ -225,6 +261,7 @@ def test_awd_lstm_language_model_learner_matches_fastai(book_dls):
     assert len(ours[2]) == 1  # the switch-off warning only: the places are RNNRegularizer's
 
 
+# --- fastai's contract with per-layer lists --------------------------------------------------------------------------
 class ListLM(Module):
     "Two LSTM layers with dropout after each, returning per-layer lists, as fastai v1's AWD-LSTM did."
     def __init__(self, vocab_sz, nh=BOOK_NH, p=0.3):
@@ -273,6 +310,7 @@ def test_per_layer_lists_all_layers_regularizes_each_layer(book_dls):
     assert [c for c in tar.history.columns if ':' in c] == ['ar:dropped.0', 'ar:dropped.1', 'tar:raw.0', 'tar:raw.1']
 
 
+# --- contract models without an RNN module ---------------------------------------------------------------------------
 class ContractCellLM(Module):
     "A GRUCell unrolled by hand: nothing for the structural search to find, the contract says where."
     def __init__(self, vocab_sz, nh=BOOK_NH, p=0.3, contract=True):
@@ -313,6 +351,7 @@ def test_without_contract_or_rnn_module_the_search_error_comes_at_the_first_batc
     assert hook_ids(learn.model) == set()
 
 
+# --- the RNNRegularizer switched off: places that differ are said ----------------------------------------------------
 def test_places_that_differ_from_the_switched_off_regularizer_warn_once_naming_both(book_dls):
     learn = TextLearner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(), cbs=TARCallback(modules='rnn'))
     with warnings.catch_warnings(record=True) as w:
@@ -321,37 +360,3 @@ def test_places_that_differ_from_the_switched_off_regularizer_warn_once_naming_b
     moved = [str(x.message) for x in w if 'would have used' in str(x.message)]
     assert len(moved) == 1
     assert 'AR rnn (LSTM)' in moved[0] and 'TAR rnn (LSTM)' in moved[0] and 'output[2]' in moved[0]
-
-
-class PairLM(PlainLM):
-    "A model returning (logits, raw): not the contract."
-    def forward(self, x):
-        raw = self.rnn(self.i_h(x))[0]
-        return self.h_o(self.drop(raw)), raw
-
-
-def test_a_tuple_reaching_a_tensor_loss_is_our_error_not_an_attribute_error(book_dls):
-    learn = Learner(book_dls, PairLM(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
-    with pytest.raises(TupleLossError, match=r"tuple of 2 .* reach the loss CrossEntropyLossFlat.*it has 2 items, not "
-                                             r"three\. Return only the logits"):
-        quiet_fit(learn)
-    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=nn.CrossEntropyLoss(), cbs=[ModelResetter(), TARCallback(contract=False)])
-    with pytest.raises(TupleLossError, match=r"CrossEntropyLoss.*TARCallback\(contract=False\) leaves tuples to the loss"):
-        quiet_fit(learn)
-    assert hook_ids(learn.model) == set()
-
-
-def test_a_loss_that_takes_the_tuple_keeps_working(book_dls):
-    "contract=False hands LMModel7's tuple to the user's loss; a tuple the rule does not recognise reaches it anyway."
-    seen = []
-    def tuple_loss(pred, y):
-        seen.append(type(pred))
-        return CrossEntropyLossFlat()(pred[0], y) + 0.5 * pred[1].pow(2).mean()
-    spy = LossSpy()
-    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=tuple_loss, cbs=[ModelResetter(), spy,
-                                                                  TARCallback(modules='rnn', ar_modules='drop', contract=False)])
-    quiet_fit(learn)
-    assert set(seen) == {tuple} and min(spy.added) > 1e-3  # the loss got the tuple, the hooks the activations
-    seen.clear()
-    quiet_fit(Learner(book_dls, PairLM(len(book_dls.vocab)), loss_func=tuple_loss, cbs=TARCallback()))
-    assert set(seen) == {tuple}

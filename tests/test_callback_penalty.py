@@ -17,8 +17,8 @@ from fastai_tar import TARCallback
 
 from conftest import (Capture, LossSpy, PAD, SL, VOCAB, clas_dls, far, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty,
                       ref_tar, tiny_config, tiny_lm)
-from models import (BPTT, CheckpointLM, LENGTHS, NoDropoutLSTMLM, VocabLSTMLM, encoded_batch, first_batch, first_grads,
-                    fit_with)
+from models import (BPTT, LENGTHS, CheckpointLM, NoDropoutLSTMLM, VocabLSTMLM, encoded_batch, first_batch,
+                    first_grads, fit_with, flat_params, zero_loss)
 
 
 def fit_batches(model, cbs, dls=None, n=1, loss_func=None, **kw):
@@ -29,9 +29,6 @@ def fit_batches(model, cbs, dls=None, n=1, loss_func=None, **kw):
     torch.manual_seed(1)
     quiet_fit(learn, lr=1e-3)
     return learn, spy
-
-
-def flat_params(model): return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
 # --- 1. in-place ops after the read module -------------------------------------------------------------------------
@@ -97,9 +94,6 @@ class GradSpy(Callback):
     def after_backward(self): self.grads.append(self.learn.model.rnn.weight_hh_l0.grad.detach().clone())
 
 
-def zero_loss(pred, *yb): return pred.float().sum() * 0
-
-
 def test_gru_fed_one_step_at_a_time_gives_tar_over_the_steps_with_its_gradient():
     model = StepDecoder()
     twin, cap = copy.deepcopy(model), Capture(model.rnn)
@@ -129,6 +123,28 @@ def test_gru_cell_unrolled_by_hand_gives_tar_over_the_steps():
     assert len(cap.train_outputs) == 24
     assert spy.added == [penalty(ref_penalty(2., 3., s)) for s in seqs]
     assert min(ref_tar(s) for s in seqs) > 1e-3
+
+
+class CellLM(nn.Module):
+    "An LSTMCell run step by step: each call returns (h, c) of shape (bs, hidden), with no time axis."
+    def __init__(self):
+        super().__init__()
+        self.emb, self.cell, self.head = nn.Embedding(VOCAB, 6), nn.LSTMCell(6, 8), nn.Linear(8, VOCAB)
+    def forward(self, x):
+        e, state, hs = self.emb(x), None, []
+        for t in range(x.shape[1]):
+            state = self.cell(e[:, t], state)
+            hs.append(state[0])
+        return self.head(torch.stack(hs, 1))
+
+
+def test_a_cell_called_once_per_step_is_one_sequence():
+    "Each call of an LSTMCell is one step, (bs, hidden): joined in call order, TAR runs over the steps."
+    model, spy = CellLM(), LossSpy(stop=1)
+    cap = Capture(model.cell)
+    quiet_fit(Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(modules='cell'), spy]))
+    steps = torch.stack(cap.outputs[:SL], 1)  # the first batch's calls
+    assert spy.added[0] == penalty(ref_penalty(2., 1., steps))
 
 
 # --- 9. a callback before ours derives learn.pred from the output --------------------------------------------------
@@ -166,6 +182,20 @@ def test_a_callback_before_ours_deriving_pred_keeps_the_penalty_of_the_module(ho
     assert cb.order < TARCallback.order
     _, spy = fit_batches(model, [TARCallback(), cb], n=2)
     assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in cap.train_outputs] and len(spy.added) == 2
+
+
+class Flatten(Callback):
+    "A callback before ours that replaces learn.pred by a tensor made from the model's output"
+    order = 0
+    def after_pred(self): self.learn.pred = self.pred.view(-1, self.pred.shape[-1])
+
+
+def test_a_callback_that_derives_pred_from_the_output_keeps_the_penalty(book_dls):
+    torch.manual_seed(0)
+    model = VocabLSTMLM(len(book_dls.vocab))
+    cap = Capture(model.rnn)
+    _, spy, _ = fit_with(book_dls, model, TARCallback(), Flatten())
+    assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in cap.train_outputs]
 
 
 # --- 11. a no-grad burn-in call of the read module -----------------------------------------------------------------
@@ -299,22 +329,7 @@ def test_packed_sequence_against_reference_on_unpadded_steps():
     assert far(ref_penalty(1., 2., h), ref_penalty(1., 2., (h, valid)))  # the padded steps would count otherwise
 
 
-# --- a callback that derives learn.pred from the output --------------------------------------------------------------
-class Flatten(Callback):
-    "A callback before ours that replaces learn.pred by a tensor made from the model's output"
-    order = 0
-    def after_pred(self): self.learn.pred = self.pred.view(-1, self.pred.shape[-1])
-
-
-def test_a_callback_that_derives_pred_from_the_output_keeps_the_penalty(book_dls):
-    torch.manual_seed(0)
-    model = VocabLSTMLM(len(book_dls.vocab))
-    cap = Capture(model.rnn)
-    _, spy, _ = fit_with(book_dls, model, TARCallback(), Flatten())
-    assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in cap.train_outputs]
-
-
-# --- the forward that reaches the loss; a cell called once per step --------------------------------------------------
+# --- the forward that reaches the loss, not another forward in the same batch ---------------------------------------
 class ExtraForward(Callback):
     "Runs the model on other inputs in before_batch, as adversarial training or a consistency loss does."
     def __init__(self, order, grad=True): self.order, self.grad = order, grad
@@ -337,28 +352,6 @@ def test_penalty_of_the_forward_that_reaches_the_loss(order, grad):
     # and the gradient is the one without the extra forward
     with_extra = first_grads(CheckpointLM(), TARCallback(2., 1.), [ExtraForward(order, grad)])
     torch.testing.assert_close(with_extra, first_grads(CheckpointLM(), TARCallback(2., 1.)), rtol=0, atol=1e-7)
-
-
-class CellLM(nn.Module):
-    "An LSTMCell run step by step: each call returns (h, c) of shape (bs, hidden), with no time axis."
-    def __init__(self):
-        super().__init__()
-        self.emb, self.cell, self.head = nn.Embedding(VOCAB, 6), nn.LSTMCell(6, 8), nn.Linear(8, VOCAB)
-    def forward(self, x):
-        e, state, hs = self.emb(x), None, []
-        for t in range(x.shape[1]):
-            state = self.cell(e[:, t], state)
-            hs.append(state[0])
-        return self.head(torch.stack(hs, 1))
-
-
-def test_a_cell_called_once_per_step_is_one_sequence():
-    "Each call of an LSTMCell is one step, (bs, hidden): joined in call order, TAR runs over the steps."
-    model, spy = CellLM(), LossSpy(stop=1)
-    cap = Capture(model.cell)
-    quiet_fit(Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(modules='cell'), spy]))
-    steps = torch.stack(cap.outputs[:SL], 1)  # the first batch's calls
-    assert spy.added[0] == penalty(ref_penalty(2., 1., steps))
 
 
 # --- calls that span chunks or repeat: a SentenceEncoder over bptt chunks, a module called twice ---------------------

@@ -24,9 +24,10 @@ from fastai_tar import TARCallback
 from conftest import (Capture, LossSpy, NO_BF16_ENV, far, hook_ids, lm_dls, penalty, probe_bf16_autocast_lstm,
                       quiet_fit, ref_ar, ref_penalty, ref_tar, require_bf16_autocast, restore_torch_state, tiny_lm,
                       torch_state)
-from models import CheckpointLM, NoDropoutLSTMLM, first_grads
+from models import CheckpointLM, NoDropoutLSTMLM, first_grads, flat_params, zero_loss
 
 
+# --- gradient checkpointing ------------------------------------------------------------------------------------------
 def test_checkpointing_non_reentrant_gives_the_plain_gradient():
     "The penalty is taken outside the checkpointed region: the gradient is the one of the same model without it."
     plain = first_grads(CheckpointLM(), TARCallback(2., 1.))
@@ -46,14 +47,7 @@ def test_checkpointing_reentrant_is_an_error_naming_the_fix():
     assert hook_ids(model) == hooks
 
 
-def flat_params(model): return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-
-
-def zero_loss(pred, *yb):
-    "A float32 loss of 0 (fastai's Recorder fails on a half loss): loss_grad is then the added penalty itself."
-    return pred.float().sum() * 0
-
-
+# --- half precision and mixed precision; the suite's own torch-state and bf16 checks ---------------------------------
 class RecordingScaler(GradScaler):
     "A CPU GradScaler that keeps what it is asked to scale."
     def __init__(self, events, **kw): super().__init__('cpu', **kw); self.events, self.seen = events, []
@@ -224,6 +218,7 @@ def test_mixed_precision_tests_skip_with_reason_on_a_cpu_without_bf16(tmp_path):
     assert reason in run.stdout, run.stdout
 
 
+# --- gradient accumulation -------------------------------------------------------------------------------------------
 def sgd_step(model, dls, cbs):
     "The parameter change of one epoch of plain SGD (lr=1: the step is the gradient) of `model` on `dls`."
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=cbs)
@@ -248,6 +243,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert (big - sgd_update(0., 0., bs=6)).abs().max().item() > 1000 * tol
 
 
+# --- nn.DataParallel, torch.compile, DistributedDataParallel ---------------------------------------------------------
 @pytest.mark.parametrize('names', [None, ('module.lstm', 'lstm'), ('lstm', 'module.lstm')],
                          ids=['found', 'prefixed_tar', 'prefixed_ar'])
 def test_data_parallel_model_hooks_inner_modules(names):
