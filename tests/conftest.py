@@ -14,6 +14,8 @@ from fastai.text.all import (AWD_LSTM, CancelFitException, Callback, DataLoaders
                              awd_lstm_clas_config, awd_lstm_lm_config, get_language_model, pad_input_chunk)
 from fastai.text.models.core import SentenceEncoder
 
+from fastai_tar.book import human_numbers_dls
+
 VOCAB, BS, SL = 30, 4, 12
 PAD = 1  # fastai's padding token id (`xxpad`); the data below never uses 0 or 1 as a token
 RTOL, ATOL = 1e-5, 1e-6  # a penalty read as loss_grad - loss: two float32 numbers near the loss
@@ -144,6 +146,12 @@ def tiny_lm(seed=0, **kw):
 
 
 def _vocab(): return [f'w{i}' for i in range(VOCAB)]
+
+
+@pytest.fixture(scope='module')
+def book_dls():
+    "The fastai book's chapter 12 data, tiny: the numbers 1 to 300 in words, 8 streams of 8 tokens (14 batches an epoch)."
+    return human_numbers_dls(upto=300, bs=8, sl=8)
 
 
 def lm_dls(n=16, bs=BS, sl=SL, seed=0, n_valid=None, rows=slice(None)):

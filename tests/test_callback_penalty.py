@@ -1,17 +1,24 @@
 """What the penalty reads and its value: the tensor as it left the module (an in-place change afterwards is an error,
 never the changed value), every call of a read module in the training forward (one-step calls joined into a sequence,
 calls without grad skipped), whatever a callback before ours makes of `learn.pred`, and AR on outputs with no time
-axis. Each value is checked against float64 references on activations the test captures with its own hooks."""
+axis; a batch of one sequence or of one step, a padded classifier batch and a PackedSequence count only real
+positions; a SentenceEncoder's TAR spans its bptt chunks; the penalty is the one of the forward that reaches the loss.
+Each value is checked against float64 references on activations the test captures with its own hooks."""
 import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
-from fastai.text.all import SGD, Callback, CrossEntropyLossFlat, DataLoaders, Learner
+from fastai.text.all import (AWD_LSTM, Callback, CrossEntropyLossFlat, DataLoaders, Learner, SGD, get_text_classifier,
+                             rnn_cbs)
 
 from fastai_tar import TARCallback
-from conftest import VOCAB, Capture, LossSpy, far, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty, ref_tar
+
+from conftest import (Capture, LossSpy, PAD, SL, VOCAB, clas_dls, far, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty,
+                      ref_tar, tiny_config, tiny_lm)
+from models import (BPTT, LENGTHS, CheckpointLM, NoDropoutLSTMLM, VocabLSTMLM, encoded_batch, first_batch,
+                    first_grads, fit_with, flat_params, zero_loss)
 
 
 def fit_batches(model, cbs, dls=None, n=1, loss_func=None, **kw):
@@ -22,9 +29,6 @@ def fit_batches(model, cbs, dls=None, n=1, loss_func=None, **kw):
     torch.manual_seed(1)
     quiet_fit(learn, lr=1e-3)
     return learn, spy
-
-
-def flat_params(model): return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
 # --- 1. in-place ops after the read module -------------------------------------------------------------------------
@@ -90,9 +94,6 @@ class GradSpy(Callback):
     def after_backward(self): self.grads.append(self.learn.model.rnn.weight_hh_l0.grad.detach().clone())
 
 
-def zero_loss(pred, *yb): return pred.float().sum() * 0
-
-
 def test_gru_fed_one_step_at_a_time_gives_tar_over_the_steps_with_its_gradient():
     model = StepDecoder()
     twin, cap = copy.deepcopy(model), Capture(model.rnn)
@@ -122,6 +123,28 @@ def test_gru_cell_unrolled_by_hand_gives_tar_over_the_steps():
     assert len(cap.train_outputs) == 24
     assert spy.added == [penalty(ref_penalty(2., 3., s)) for s in seqs]
     assert min(ref_tar(s) for s in seqs) > 1e-3
+
+
+class CellLM(nn.Module):
+    "An LSTMCell run step by step: each call returns (h, c) of shape (bs, hidden), with no time axis."
+    def __init__(self):
+        super().__init__()
+        self.emb, self.cell, self.head = nn.Embedding(VOCAB, 6), nn.LSTMCell(6, 8), nn.Linear(8, VOCAB)
+    def forward(self, x):
+        e, state, hs = self.emb(x), None, []
+        for t in range(x.shape[1]):
+            state = self.cell(e[:, t], state)
+            hs.append(state[0])
+        return self.head(torch.stack(hs, 1))
+
+
+def test_a_cell_called_once_per_step_is_one_sequence():
+    "Each call of an LSTMCell is one step, (bs, hidden): joined in call order, TAR runs over the steps."
+    model, spy = CellLM(), LossSpy(stop=1)
+    cap = Capture(model.cell)
+    quiet_fit(Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(modules='cell'), spy]))
+    steps = torch.stack(cap.outputs[:SL], 1)  # the first batch's calls
+    assert spy.added[0] == penalty(ref_penalty(2., 1., steps))
 
 
 # --- 9. a callback before ours derives learn.pred from the output --------------------------------------------------
@@ -159,6 +182,20 @@ def test_a_callback_before_ours_deriving_pred_keeps_the_penalty_of_the_module(ho
     assert cb.order < TARCallback.order
     _, spy = fit_batches(model, [TARCallback(), cb], n=2)
     assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in cap.train_outputs] and len(spy.added) == 2
+
+
+class Flatten(Callback):
+    "A callback before ours that replaces learn.pred by a tensor made from the model's output"
+    order = 0
+    def after_pred(self): self.learn.pred = self.pred.view(-1, self.pred.shape[-1])
+
+
+def test_a_callback_that_derives_pred_from_the_output_keeps_the_penalty(book_dls):
+    torch.manual_seed(0)
+    model = VocabLSTMLM(len(book_dls.vocab))
+    cap = Capture(model.rnn)
+    _, spy, _ = fit_with(book_dls, model, TARCallback(), Flatten())
+    assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in cap.train_outputs]
 
 
 # --- 11. a no-grad burn-in call of the read module -----------------------------------------------------------------
@@ -217,3 +254,146 @@ def test_contract_true_with_2d_raw_and_dropped_gives_ar():
     _, spy = fit_batches(model, [TARCallback(alpha=2., beta=0., contract=True)], clas_batches(), n=2)
     assert spy.added == [penalty(2 * ref_ar(d.unsqueeze(1))) for d in drop.train_outputs]  # mean of d**2
     assert min(spy.added) > 1e-3
+
+
+# --- batch edges, classifier padding and packed sequences against float64 references ---------------------------------
+def test_bs1_is_regularized_unlike_fastai():
+    "fastai's `len(h)>1` guard skips TAR at bs=1; ours applies it (checked against the reference formula)."
+    dls = lm_dls(bs=1)
+    model = tiny_lm()
+    cap = Capture(model[0])
+    loss, grad = first_batch(model, [TARCallback(alpha=0., beta=5.)], dls=dls)
+    assert cap.outputs[0].shape[0] == 1
+    assert (grad - loss).item() == penalty(5 * ref_tar(cap.outputs[0]))
+    loss_fa, grad_fa = first_batch(tiny_lm(), rnn_cbs(0., 5.), dls=dls)
+    assert grad_fa == loss_fa  # fastai's defect this plugin fixes
+
+
+def test_sl1_gives_zero_tar_not_nan():
+    dls = lm_dls(sl=1)
+    loss, grad = first_batch(tiny_lm(), [TARCallback(alpha=0., beta=1.)], dls=dls)
+    assert torch.isfinite(grad) and grad == loss
+    _, grad_fa = first_batch(tiny_lm(), rnn_cbs(0., 1.), dls=dls)
+    assert torch.isnan(grad_fa)  # fastai's defect: the mean of an empty difference
+
+
+def classifier_batch(cbs, dls):
+    "What `cbs` added to the first batch's loss of a fresh tiny classifier, and its SentenceEncoder's (outs, valid)."
+    torch.manual_seed(0)
+    m = get_text_classifier(AWD_LSTM, VOCAB, 2, seq_len=BPTT, config=tiny_config(clas=True))
+    cap = Capture(m[0])
+    loss, grad = first_batch(m, cbs, dls=dls)
+    return (grad - loss).item(), *encoded_batch(cap)
+
+
+def test_classifier_padding_changes_nothing():
+    "TAR/AR of a padded classifier batch equal the reference over the real tokens only; fastai's counts padding."
+    dls = clas_dls(LENGTHS, seq_len=BPTT)
+    added, outs, valid = classifier_batch([TARCallback(alpha=0., beta=4.)], dls)
+    assert added == penalty(4 * ref_tar(outs, valid))
+    added_fa, _, _ = classifier_batch(rnn_cbs(0., 4.), dls)
+    assert added_fa != pytest.approx(added, rel=1e-3)  # padding counted there
+
+    # AR is a mean over the real positions only
+    added, outs, valid = classifier_batch([TARCallback(alpha=3., beta=0.)], dls)
+    assert added == penalty(3 * ref_ar(outs, valid))
+    assert far(3 * ref_ar(outs), 3 * ref_ar(outs, valid))  # the padded positions would count otherwise
+
+
+class PackedGRU(nn.Module):
+    "Runs a GRU on a PackedSequence: token 0 marks padding at the end of each sequence."
+    def __init__(self, hidden=10):
+        super().__init__()
+        self.emb, self.rnn, self.out = nn.Embedding(VOCAB, 6), nn.GRU(6, hidden, batch_first=True), nn.Linear(hidden, 2)
+
+    def forward(self, x):
+        lengths = (x != 0).sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(x), lengths, batch_first=True, enforce_sorted=False)
+        h, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+        return self.out(h.sum(1))
+
+
+def test_packed_sequence_against_reference_on_unpadded_steps():
+    x = torch.randint(1, VOCAB, (4, SL))
+    lengths = [SL, 7, 3, 1]
+    for i, n in enumerate(lengths): x[i, n:] = 0
+    y = torch.tensor([0, 1, 1, 0])
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=4, shuffle=False, device='cpu', num_workers=0)
+    torch.manual_seed(0)
+    model = PackedGRU()
+    cap = Capture(model.rnn)
+    loss, grad = first_batch(model, [TARCallback(alpha=1., beta=2.)], dls=dls)
+    (h, valid), = cap.parts  # unpacked: `valid` from the PackedSequence's lengths
+    assert valid.sum(1).tolist() == lengths
+    assert (grad - loss).item() == penalty(ref_penalty(1., 2., (h, valid)))
+    assert far(ref_penalty(1., 2., h), ref_penalty(1., 2., (h, valid)))  # the padded steps would count otherwise
+
+
+# --- the forward that reaches the loss, not another forward in the same batch ---------------------------------------
+class ExtraForward(Callback):
+    "Runs the model on other inputs in before_batch, as adversarial training or a consistency loss does."
+    def __init__(self, order, grad=True): self.order, self.grad = order, grad
+    def before_batch(self):
+        if not self.training: return
+        with torch.set_grad_enabled(self.grad): self.other = self.learn.model(self.learn.xb[0].flip(1))
+
+
+@pytest.mark.parametrize('order,grad', [(10, True), (10, False), (0, True)])
+def test_penalty_of_the_forward_that_reaches_the_loss(order, grad):
+    "Another forward in the same batch, before or after our before_batch: the training forward's activation is used."
+    model, spy = CheckpointLM(), LossSpy(stop=1)
+    cap = Capture(model.lstm)
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(),
+                    cbs=[TARCallback(2., 1.), ExtraForward(order, grad), spy])
+    quiet_fit(learn)
+    other, train = cap.outputs
+    assert spy.added[0] == penalty(ref_penalty(2., 1., train))
+    assert far(ref_penalty(2., 1., other), ref_penalty(2., 1., train))
+    # and the gradient is the one without the extra forward
+    with_extra = first_grads(CheckpointLM(), TARCallback(2., 1.), [ExtraForward(order, grad)])
+    torch.testing.assert_close(with_extra, first_grads(CheckpointLM(), TARCallback(2., 1.)), rtol=0, atol=1e-7)
+
+
+# --- calls that span chunks or repeat: a SentenceEncoder over bptt chunks, a module called twice ---------------------
+def test_sentence_encoder_tar_spans_bptt_chunks():
+    "A classifier's SentenceEncoder runs the AWD_LSTM once per bptt chunk: TAR covers the joined sequence."
+    bptt, sl = 4, 12
+    dls = clas_dls([sl, 8, 4], seq_len=bptt)  # rows 1 and 2 start one and two chunks late
+    x, _ = dls.one_batch()
+    torch.manual_seed(0)
+    model = get_text_classifier(AWD_LSTM, VOCAB, 2, seq_len=bptt, config=tiny_config(clas=True), max_len=sl)
+    cap, grab = Capture(model[0].module), LossSpy(stop=1)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(1., 4.), grab])
+    quiet_fit(learn)
+    assert [t.module for t in learn.tar.reads] == [model[0]] * 2  # hooked: the encoder, not the AWD_LSTM
+    chunks = cap.outputs
+    assert [c.shape[:2] for c in chunks] == [(1, bptt), (2, bptt), (3, bptt)]
+    joined = torch.cat([nn.functional.pad(c, (0, 0, 0, 0, 0, 3 - len(c))) for c in chunks], 1)
+    valid = x != PAD
+    expected = ref_penalty(1., 4., (joined, valid))
+    assert grab.added[0] == penalty(expected)
+    # The pairs across chunk boundaries count: chunks taken one by one give another number.
+    by_chunk = ref_penalty(1., 4., *[(c, valid[:len(c), i * bptt:(i + 1) * bptt]) for i, c in enumerate(chunks)])
+    assert far(by_chunk, expected)
+
+
+class TwoPassLSTM(NoDropoutLSTMLM):
+    "One nn.LSTM run twice per forward, on the first 5 steps and on the other 7: a reused module."
+    def forward(self, x):
+        e = self.emb(x)
+        return self.head(torch.cat([self.lstm(e[:, :5])[0], self.lstm(e[:, 5:])[0]], 1))
+
+
+def test_named_module_called_twice_pools_both_calls():
+    "The penalty of a module called twice is the sums of both calls over their total count, not the last call's."
+    model = TwoPassLSTM()
+    cap, grab = Capture(model.lstm), LossSpy(stop=1)
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1., modules='lstm'), grab])
+    quiet_fit(learn)
+    a, b = cap.outputs
+    assert (a.shape[1], b.shape[1]) == (5, 7)
+    pooled = ref_penalty(2., 1., a, b)
+    assert grab.added[0] == penalty(pooled)
+    last_only = ref_penalty(2., 1., b)
+    mean_of_means = (ref_penalty(2., 1., a) + last_only) / 2
+    assert far(last_only, pooled) and far(mean_of_means, pooled)

@@ -1,8 +1,9 @@
 """What the plan reads and in which layout, and how `learn.tar.places` says so: a tuple that is not fastai's
 `(logits, raw, dropped)` reaches the loss untouched, `all_layers` means one thing on every learner, the time axis
 comes from the user (`seq_dim`, `feature_dim`) or from a module whose layout is known (else an error asks for it),
-a model changed between fits is planned again, and a time axis of length 1 is said. Values are checked against
-float64 references on activations the test captures with its own hooks."""
+a model changed between fits is planned again, and a time axis of length 1 is said; sequence-first and packed
+outputs, custom modules named by name, integer-like `seq_dim`, models with nothing to regularize, and `places` before
+the first batch. Values are checked against float64 references on activations the test captures with its own hooks."""
 import re
 import warnings
 
@@ -10,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from fastai.text.all import (AWD_LSTM, SGD, CrossEntropyLossFlat, Learner, ModelResetter, TextLearner,
+from fastai.text.all import (AWD_LSTM, CrossEntropyLossFlat, DataLoaders, Learner, ModelResetter, SGD, TextLearner,
                              language_model_learner)
 
 from fastai_tar import TARCallback
-from conftest import (VOCAB, Capture, LossSpy, far, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty, ref_tar,
-                      tiny_config, tiny_lm)
+
+from conftest import (Capture, LossSpy, SL, VOCAB, far, hook_ids, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty,
+                      ref_tar, tiny_config, tiny_lm)
+from models import CheckpointLM, PlainLM, first_batch, lmmodel7
 
 
 def fit_batches(learn_or_model, cbs=(), n=1, dls=None, **kw):
@@ -298,3 +301,159 @@ def test_a_time_axis_of_length_1_warns_once_per_fit_and_tar_is_0():
     spy, warned = fit_warnings(learn, n=3)
     assert spy.added == [0., 0., 0.]
     assert len([m for m in warned if 'length 1' in m]) == 1
+
+
+# --- layouts read from the module, custom modules by name, nothing to regularize -------------------------------------
+class SeqFirstLSTM(nn.Module):
+    "A plain language model on `nn.LSTM(batch_first=False)`: the time axis is 0 inside."
+    def __init__(self, hidden=10):
+        super().__init__()
+        self.emb, self.rnn, self.out = nn.Embedding(VOCAB, 6), nn.LSTM(6, hidden), nn.Linear(hidden, VOCAB)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.emb(x).transpose(0, 1))
+        return self.out(h.transpose(0, 1))
+
+
+def test_seq_first_lstm_against_awd_lstm_reference():
+    "nn.LSTM(batch_first=False) is found on its own; TAR is the AWD-LSTM reference code's (h[1:]-h[:-1]) formula."
+    torch.manual_seed(0)
+    model = SeqFirstLSTM()
+    cap = Capture(model.rnn)
+    loss, grad = first_batch(model, [TARCallback(alpha=0., beta=2.)])
+    h = cap.outputs[0].double()  # sl x bs x n_hid
+    assert h.shape[0] == SL
+    ref = (h[1:] - h[:-1]).pow(2).mean()  # salesforce awd-lstm-lm main.py
+    assert (grad - loss).item() == penalty(2 * ref.item())
+    assert ref.item() == pytest.approx(ref_tar(h, seq_dim=0), rel=1e-12)  # the shared reference reads axis 0 alike
+
+
+def test_nothing_to_regularize_says_what_it_looked_for():
+    model = nn.Sequential(nn.Embedding(VOCAB, 4), nn.Linear(4, VOCAB))
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
+    with pytest.raises(ValueError, match=r"AWD_LSTM.*nn.LSTM.*modules="):
+        quiet_fit(learn)
+    assert hook_ids(model) == set()
+
+
+def test_custom_module_by_name():
+    "A module named in `modules=` is regularized with `seq_dim` telling its time axis."
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mix, self.out = nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, VOCAB)
+        def forward(self, x): return self.out(torch.tanh(self.mix(self.emb(x))))
+    torch.manual_seed(0)
+    model = Conv()
+    cap = Capture(model.mix)
+    with pytest.raises(ValueError, match=r"time axis of mix \(Linear\)'s output.*Pass seq_dim="):
+        first_batch(model, [TARCallback(alpha=0., beta=2., modules='mix')])
+    loss, grad = first_batch(model, [TARCallback(alpha=0., beta=2., modules='mix', seq_dim=1)])
+    assert (grad - loss).item() == penalty(2 * ref_tar(cap.outputs[0]))
+    assert ref_tar(cap.outputs[0]) > 1e-4
+
+
+# --- a bare PackedSequence output; the user's seq_dim ----------------------------------------------------------------
+class BarePacked(nn.Module):
+    "A GRU that returns its PackedSequence alone, not inside an (output, state) tuple."
+    def __init__(self): super().__init__(); self.gru = nn.GRU(6, 10, batch_first=True)
+    def forward(self, packed): return self.gru(packed)[0]
+
+
+class PackedClassifier(nn.Module):
+    "Token 0 pads the end of each sequence; the GRU runs on the packed batch."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.rnn, self.out = nn.Embedding(VOCAB, 6), BarePacked(), nn.Linear(10, 2)
+
+    def forward(self, x):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(x), (x != 0).sum(1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        h, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed), batch_first=True, total_length=x.shape[1])
+        return self.out(h.sum(1))
+
+
+def padded_dls(lengths=(SL, 7, 3, 1)):
+    x = torch.randint(2, VOCAB, (len(lengths), SL), generator=torch.Generator().manual_seed(0))
+    for i, n in enumerate(lengths): x[i, n:] = 0
+    items = list(zip(x, torch.tensor([0, 1] * (len(lengths) // 2))))
+    return DataLoaders.from_dsets(items, items, bs=len(items), shuffle=False, device='cpu', num_workers=0)
+
+
+def test_bare_packed_sequence_is_unpacked():
+    model, spy = PackedClassifier(), LossSpy(stop=1)
+    cap = Capture(model.rnn)  # the test's own reading: unpacked, `valid` from the lengths
+    quiet_fit(Learner(padded_dls(), model, loss_func=CrossEntropyLossFlat(),
+                      cbs=[TARCallback(1., 2., modules='rnn'), spy]))
+    (h, valid), = cap.parts
+    assert valid.sum(1).tolist() == [SL, 7, 3, 1]
+    expected = ref_penalty(1., 2., (h, valid))
+    assert spy.added[0] == penalty(expected)
+    assert far(ref_penalty(1., 2., h), expected)  # the padded steps would count otherwise
+
+
+def test_bare_packed_sequence_rejects_a_contradicting_seq_dim():
+    "seq_dim=0 would difference rows of different sequences: the unpacked tensor is batch-first, and says so."
+    learn = Learner(padded_dls(), PackedClassifier(), loss_func=CrossEntropyLossFlat(),
+                    cbs=TARCallback(1., 2., modules='rnn', seq_dim=0))
+    with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of rnn's PackedSequence"):
+        quiet_fit(learn)
+
+
+class SeqFirstMix(nn.Module):
+    "A custom sequence-first module: (sl, bs, features) out of a linear mix, named by the user with seq_dim=0."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mix, self.out = nn.Embedding(VOCAB, 6), nn.Linear(6, 6), nn.Linear(6, VOCAB)
+    def forward(self, x): return self.out(torch.tanh(self.mix(self.emb(x).transpose(0, 1)))).transpose(0, 1)
+
+
+@pytest.mark.parametrize('seq_dim', [0, np.int64(0), torch.tensor(0), -3], ids=['int', 'numpy', 'torch', 'negative'])
+def test_any_integer_seq_dim(seq_dim):
+    model, spy = SeqFirstMix(), LossSpy(stop=1)
+    cap = Capture(model.mix)
+    quiet_fit(Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(),
+                      cbs=[TARCallback(0., 2., modules='mix', seq_dim=seq_dim), spy]))
+    expected = 2 * ref_tar(cap.outputs[0], seq_dim=0)
+    assert spy.added[0] == penalty(expected)
+    assert far(2 * ref_tar(cap.outputs[0], seq_dim=1), expected)
+
+
+def test_the_users_seq_dim_wins_over_the_modules_layout():
+    "seq_dim is the user's word on the time axis, also for a stock nn.LSTM (batch_first=True): TAR then runs along it."
+    model, spy = CheckpointLM(), LossSpy(stop=1)
+    cap = Capture(model.lstm)
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(0., 1., seq_dim=0), spy])
+    quiet_fit(learn)
+    assert spy.added[0] == penalty(ref_tar(cap.outputs[0], seq_dim=0))
+    assert 'time axis 0 (seq_dim=0, yours)' in learn.tar.places
+
+
+def test_a_seq_dim_the_output_lacks_is_an_error():
+    spy = LossSpy()
+    learn = Learner(lm_dls(), CheckpointLM(), loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(seq_dim=5), spy])
+    with pytest.raises(ValueError, match=r"along time axis 5 \(seq_dim=5, yours\), but its output has shape"):
+        quiet_fit(learn)
+    assert spy.rows == []
+
+
+# --- places before the first training batch --------------------------------------------------------------------------
+def test_places_before_training_name_both_candidates_and_the_fit_settles_them(book_dls):
+    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter(), TARCallback()])
+    found = "time axis 1 (batch_first=True); found: the last RNN module"
+    candidates = ("if the model's forward returns fastai's (logits, raw, dropped):\n"
+                  "  AR dropped (output[2]): alpha=2.0\n  TAR raw (output[1]): beta=1.0\n"
+                  "otherwise, found from the model's structure:\n"
+                  f"  AR rnn (LSTM): alpha=2.0; found: the last RNN module\n  TAR rnn (LSTM): beta=1.0; {found}")
+    assert learn.tar.places == candidates
+    plain = Learner(book_dls, PlainLM(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
+    assert plain.tar.places == candidates  # before a forward, a model's output is not known
+    quiet_fit(plain)
+    assert plain.tar.places == f"AR rnn (LSTM): alpha=2.0; found: the last RNN module\nTAR rnn (LSTM): beta=1.0; {found}"
+    named = Learner(book_dls, PlainLM(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(),
+                    cbs=TARCallback(modules='rnn', ar_modules='drop'))
+    assert named.tar.places == ("AR drop (Dropout): alpha=2.0; named by you\n"  # named: nothing to decide
+                                "TAR rnn (LSTM): beta=1.0; time axis 1 (batch_first=True); named by you")
+    assert TARCallback().places == "found when attached to a learner"

@@ -1,0 +1,147 @@
+"""Test models and helpers shared by several test files: the fastai book's chapter 12 `LMModel7` and its data's
+sizes, small LSTM language models, fit helpers that record the loss and the model's output, and a loss of 0 (so that
+loss_grad is the added penalty itself)."""
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from fastai.text.all import Callback, CancelFitException, CrossEntropyLossFlat, Learner, Module, SGD
+
+from conftest import LossSpy, VOCAB, lm_dls, quiet_fit
+
+
+def first_batch(model, cbs, dls=None, seed=1):
+    "loss and loss_grad of one training batch; reseeded so that every run draws the same dropout masks."
+    spy = LossSpy(stop=1)
+    learn = Learner(dls or lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=list(cbs) + [spy])
+    torch.manual_seed(seed)
+    quiet_fit(learn, lr=1e-3)
+    return spy.train[0]
+
+
+# A classifier batch as fastai builds one: longest first, whole bptt chunks of padding first, the rest of a
+# sequence's padding after it. Rows real at each chunk start form a prefix of the batch (SentenceEncoder's
+# `real_bs` assumes so); padding crosses chunk boundaries (rows 2 and 3) and ends some rows (rows 1 to 3).
+BPTT, LENGTHS = 4, [12, 10, 7, 3]
+
+
+def encoded_batch(cap):
+    "The SentenceEncoder's (outs, valid) of the one training batch, checked to be what fastai means it to be."
+    (outs, valid), = [(h, v) for h, v, training in cap.records if training]
+    assert valid.sum(1).tolist() == LENGTHS and (~valid[:, :BPTT]).any() and (~valid[:, -1]).any()
+    assert (outs.abs().sum(-1)[valid] > 0).all()  # every real token went through the LSTM: no zero row as 'valid'
+    return outs, valid
+
+
+class NoRNN(Module):
+    "No nn.RNN module: two tanh layers with dropout, returning fastai's contract with per-layer lists."
+    def __init__(self, vocab_sz, n=16):
+        self.e, self.l1, self.l2, self.d, self.o = (nn.Embedding(vocab_sz, n), nn.Linear(n, n), nn.Linear(n, n),
+                                                     nn.Dropout(0.4), nn.Linear(n, vocab_sz))
+
+    def forward(self, x):
+        r1 = torch.tanh(self.l1(self.e(x))); d1 = self.d(r1)
+        r2 = torch.tanh(self.l2(d1)); d2 = self.d(r2)
+        return self.o(d2), [r1, r2], [d1, d2]
+
+
+class Outputs(Callback):
+    "The model's whole output in training, before any callback strips it (after_pred, first)."
+    order = -100
+    def before_fit(self): self.outs = []
+    def after_pred(self):
+        if self.training: self.outs.append(self.pred)
+
+
+def fit_with(dls, model, *cbs, n_epoch=1):
+    spy, outs = LossSpy(), Outputs()
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[*cbs, spy, outs])
+    torch.manual_seed(1)
+    quiet_fit(learn, n_epoch)
+    return learn, spy, outs.outs
+
+
+class VocabLSTMLM(Module):
+    "Embedding, nn.LSTM, Linear: no contract, so the LSTM is hooked"
+    def __init__(self, vocab_sz, n=16):
+        self.e, self.rnn, self.o = nn.Embedding(vocab_sz, n), nn.LSTM(n, n, batch_first=True), nn.Linear(n, vocab_sz)
+    def forward(self, x): return self.o(self.rnn(self.e(x))[0])
+
+
+class CheckpointLM(nn.Module):
+    "Embedding -> nn.LSTM -> Linear, no dropout; the LSTM optionally under torch.utils.checkpoint."
+    def __init__(self, reentrant=None, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.lstm, self.head = nn.Embedding(VOCAB, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, VOCAB)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        e = self.emb(x)
+        if self.reentrant is None: return self.head(self.lstm(e)[0])
+        return self.head(checkpoint(lambda t: self.lstm(t)[0], e, use_reentrant=self.reentrant))
+
+
+class FirstBatchGrads(Callback):
+    "The gradient of every parameter after the first training batch's backward; then the fit stops."
+    order = 50
+    def after_backward(self): self.grads = torch.cat([p.grad.flatten().clone() for p in self.learn.model.parameters()])
+    def after_batch(self):
+        if self.training: raise CancelFitException()
+
+
+def first_grads(model, tar, cbs=()):
+    spy = FirstBatchGrads()
+    quiet_fit(Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=[tar, *cbs, spy]))
+    return spy.grads
+
+
+class NoDropoutLSTMLM(nn.Module):
+    "Embedding -> nn.LSTM -> Linear: no dropout, so two runs on the same data are the same computation."
+    def __init__(self, emb=8, n_hid=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.lstm, self.head = nn.Embedding(VOCAB, emb), nn.LSTM(emb, n_hid, batch_first=True), \
+            nn.Linear(n_hid, VOCAB)
+
+    def forward(self, x): return self.head(self.lstm(self.emb(x))[0])
+
+
+BOOK_BS, BOOK_SL, BOOK_NH = 8, 8, 16
+
+
+class LMModel7(Module):
+    "The fastai book's chapter 12 LMModel7, as printed there (`bs` as an argument instead of a global)."
+    def __init__(self, vocab_sz, n_hidden, n_layers, p, bs=BOOK_BS):
+        self.i_h = nn.Embedding(vocab_sz, n_hidden)
+        self.rnn = nn.LSTM(n_hidden, n_hidden, n_layers, batch_first=True)
+        self.drop = nn.Dropout(p)
+        self.h_o = nn.Linear(n_hidden, vocab_sz)
+        self.h_o.weight = self.i_h.weight
+        self.h = [torch.zeros(n_layers, bs, n_hidden) for _ in range(2)]
+
+    def forward(self, x):
+        raw, h = self.rnn(self.i_h(x), self.h)
+        out = self.drop(raw)
+        self.h = [h_.detach() for h_ in h]
+        return self.h_o(out), raw, out
+
+    def reset(self):
+        for h in self.h: h.zero_()
+
+
+def lmmodel7(dls, seed=0): torch.manual_seed(seed); return LMModel7(len(dls.vocab), BOOK_NH, 2, 0.4)
+
+
+class PlainLM(Module):
+    "LMModel7 without the contract: its forward returns the logits only."
+    def __init__(self, vocab_sz): self.i_h, self.rnn, self.drop, self.h_o = (
+        nn.Embedding(vocab_sz, BOOK_NH), nn.LSTM(BOOK_NH, BOOK_NH, batch_first=True), nn.Dropout(0.4), nn.Linear(BOOK_NH, vocab_sz))
+    def forward(self, x): return self.h_o(self.drop(self.rnn(self.i_h(x))[0]))
+
+
+def flat_params(model): return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+def zero_loss(pred, *yb):
+    "A float32 loss of 0 (fastai's Recorder fails on a half loss): loss_grad is then the added penalty itself."
+    return pred.float().sum() * 0
