@@ -111,7 +111,8 @@ def coef_objects(alpha, beta, modules, ar_modules) -> list[tuple]:
     found = {}
     for c, arg in ((alpha, 'alpha'), (beta, 'beta'), (modules, 'modules'), (ar_modules, 'ar_modules')):
         values = c.values() if isinstance(c, dict) else c if isinstance(c, (list, tuple)) else [c]
-        found.update({id(v): (v, arg) for v in values if not isinstance(v, (str, nn.Module)) and v is not None})
+        for v in values:
+            if not isinstance(v, (str, nn.Module)) and v is not None: found.setdefault(id(v), (v, arg))
     return list(found.values())
 
 

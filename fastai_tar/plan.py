@@ -131,15 +131,15 @@ def module_layout(module: nn.Module) -> tuple[int, bool, str] | None:
     return None
 
 
-def _layout(read: Read, req: Request, module: nn.Module | None, default: tuple | None = None):
-    "Set `read`'s axes: the user's first, then the module's where certain (`default`: what the forward showed)."
+def _layout(read: Read, req: Request, module: nn.Module | None, seen: tuple | None = None,
+            default: tuple | None = None):
+    "Set `read`'s axes: the user's first, then what the forward showed (`seen`), the module's own, `default`."
     read.feature_dim = -1 if req.feature_dim is None else req.feature_dim
     if not KINDS[read.kind].needs_time: return read
     if req.seq_dim is not None:
         read.seq_dim, read.axis_why, read.axes_given = req.seq_dim, f"seq_dim={req.seq_dim}, yours", True
         return read
-    known = module_layout(module) if module is not None else None
-    if known is None: known = default
+    known = seen or (module_layout(module) if module is not None else None) or default
     if known is None and not may_be_on(read.coef): return None  # TAR off: nothing to ask for
     if known is None:
         what = type(module).__name__
@@ -243,7 +243,7 @@ def _contract_reads(contract: Contract, req: Request, kinds: list) -> list[Read]
             producer = contract.producers[i]
             read = Read(k, f'{base}.{i}' if req.all_layers else base, None, c, 'contract',
                         "fastai's (logits, raw, dropped)", layer=i)
-            reads.append(_layout(read, req, producer, (1, False, "fastai's contract is batch-first")))
+            reads.append(_layout(read, req, producer, default=(1, False, "fastai's contract is batch-first")))
     return reads
 
 

@@ -1,6 +1,6 @@
 """The capture alone (`fastai_tar.capture`): which forward's calls are recorded (the learner's own, not a callback's),
 what hooks left over from an interrupted fit do, copies and pickles of a hooked model, activations freed with
-`unwatch`; how `read_tensors` reads the calls of one module (one-step calls joined in call order, whole sequences
+`forget`, watched modules kept or swapped by `watch`; how `read_tensors` reads the calls of one module (one-step calls joined in call order, whole sequences
 apart, a mix refused, calls without grad skipped, in-place changes refused); and `term_sums` against float64
 references."""
 import copy
@@ -75,7 +75,7 @@ class Snoop(Callback):
         fwd = self.cap.forward
         self.learn.model(self.learn.xb[0][:2])  # inside fastai's loop, not the learner's own forward
         self.seen.append((fwd, self.cap.forward, [c.output.shape[0] for c in self.cap.forward.calls], self.pred))
-    def after_batch(self): self.cap.unwatch()
+    def after_batch(self): self.cap.forget()
     def after_fit(self): self.cap.close()
 
 
@@ -141,17 +141,21 @@ def test_copies_and_pickles_of_a_hooked_model_carry_inert_taps(monkeypatch):
     cap.close()
 
 
-def test_unwatch_frees_the_activations_and_keeps_the_root_hooks():
+def test_forget_frees_the_activations_and_watch_keeps_or_swaps_the_hooks():
     m, cap = model(), ForwardCapture()
     learn = StandIn(m)
     cap.open(learn, lambda: None)
     cap.watch([m[1]])
     learn.forward(torch.randn(2, 3))
     ref = weakref.ref(cap.forward.calls[0].output)
-    cap.unwatch()
+    cap.forget()
     gc.collect()
-    assert ref() is None and cap.forward is None and not m[1]._forward_hooks
-    assert cap.is_open and m._forward_hooks and m._forward_pre_hooks
+    assert ref() is None and cap.forward is None
+    tap = list(m[1]._forward_hooks.values())
+    cap.watch([m[1]])  # the same modules: the same hook, no new registration
+    assert list(m[1]._forward_hooks.values()) == tap and cap.is_open and m._forward_hooks and m._forward_pre_hooks
+    cap.watch([m[0]])  # other modules: the old hook goes
+    assert not m[1]._forward_hooks and len(m[0]._forward_hooks) == 1
     cap.close()
     assert no_hooks(m)
 

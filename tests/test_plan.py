@@ -43,7 +43,7 @@ def test_language_model_defaults_to_merity_places():
     assert ar.seq_dim is None  # AR needs no time axis
     assert (tar.seq_dim, tar.steps, tar.axes_given) == (1, False, False) and 'batch-first' in tar.axis_why
     plan = settle(model, request(), None)
-    assert places(plan.reads) == places([ar, tar]) and plan.holds_for(model) and not plan.reads_output
+    assert places(plan.reads) == places([ar, tar]) and plan.holds_for(model, request()) and not plan.reads_output
     assert plan.modules == [model[1].output_dp, model[0]]
 
 
@@ -127,6 +127,9 @@ def test_a_module_of_unknown_layout_that_returned_a_packed_sequence_is_read_batc
     (tar,) = module_reads(model, request(alpha=0., modules='1'), ['tar'], packed={id(model[1])})
     assert tar.seq_dim == 1 and tar.axis_why == 'a PackedSequence, unpacked batch-first'
     with pytest.raises(ValueError, match='Pass seq_dim='): module_reads(model, request(alpha=0., modules='1'), ['tar'])
+    # a sequence-first nn.LSTM that returned a PackedSequence is read as the capture unpacks it: batch-first
+    (tar,) = module_reads(model, request(alpha=0., modules='0'), ['tar'], packed={id(model[0])})
+    assert tar.seq_dim == 1 and tar.axis_why == 'a PackedSequence, unpacked batch-first'
 
 
 class OwnForward(nn.LSTM):
@@ -164,7 +167,7 @@ def test_data_parallel_and_ddp_models_are_searched_inside():
         for name in ('0.rnns.1', 'module.0.rnns.1'):
             assert reads_of(ddp, modules=name)[1].module is model[0].rnns[1]
         plan = settle(ddp, request(), None)
-        assert plan.holds_for(ddp) and not plan.holds_for(model)  # the plan is kept for the learner's model object
+        assert plan.holds_for(ddp, request()) and not plan.holds_for(model, request())  # the plan is kept for the learner's model object
     finally:
         dist.destroy_process_group()
 
@@ -273,13 +276,14 @@ def test_fingerprint_changes_when_a_module_is_added_removed_or_swapped():
     assert fingerprint(model) == fp and fingerprint(copy.deepcopy(model)) != fp
     model[1].weight_hh_l0.data.zero_()  # weights are not modules
     assert fingerprint(model) == fp
-    plan = settle(model, request(), None)
+    plan, req = settle(model, request(), None), request()
     model.append(nn.GRU(4, 4))
-    assert fingerprint(model) != fp and not plan.holds_for(model)
+    assert fingerprint(model) != fp and not plan.holds_for(model, req)
     del model[2]
-    assert fingerprint(model) == fp and plan.holds_for(model)
+    assert fingerprint(model) == fp and plan.holds_for(model, req)
+    assert not plan.holds_for(model, request(beta=2.))  # other arguments: settled again
     model[1] = nn.LSTM(4, 4)
-    assert fingerprint(model) != fp and not plan.holds_for(model)
+    assert fingerprint(model) != fp and not plan.holds_for(model, req)
 
 
 def test_describe_candidates_names_both_candidates_where_the_contract_may_apply():
