@@ -1,6 +1,6 @@
-"`python -m fastai_tar demo|bench`"
+"`python -m fastai_tar demo|bench`: the `fastai-tar` command (`fastai_tar.tools.cli`)"
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

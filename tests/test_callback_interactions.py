@@ -10,7 +10,7 @@ from fastai.text.all import (CancelBatchException, CancelFitException, Callback,
                              Module, ModelResetter)
 
 from fastai_tar import TARCallback
-from fastai_tar.book import human_numbers_dls
+from fastai_tar.tools.book import human_numbers_dls
 from conftest import Capture, LossSpy, penalty, quiet_fit, ref_penalty
 from test_contract import LMModel7, lmmodel7
 

@@ -10,7 +10,7 @@ from fastai.text.all import (AWD_LSTM, Callback, CrossEntropyLossFlat, Learner, 
                              RNNRegularizer, TextLearner, get_language_model, language_model_learner, rnn_cbs)
 
 from fastai_tar import TARCallback
-from fastai_tar.book import human_numbers_dls
+from fastai_tar.tools.book import human_numbers_dls
 from fastai_tar.contract import TupleLossError, read_contract
 from conftest import LossSpy, hook_ids, penalty, quiet_fit, ref_penalty, tiny_config
 

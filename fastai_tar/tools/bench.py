@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError, check_writable
-from .functional import ar_penalty, tar_penalty
+from ..functional import ar_penalty, tar_penalty
 
 __all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'compile_naive', 'bench_row',
            'compiled_columns', 'bench_table', 'format_table', 'format_compile', 'train_epochs', 'format_train', 'run']
@@ -244,7 +244,7 @@ def train_epochs(
     from fastai.text.all import AWD_LSTM, awd_lstm_lm_config, get_language_model
     from fastai.text.data import LMDataLoader
     from fastai.torch_core import set_seed
-    from .callback import TARCallback
+    from ..callback import TARCallback
 
     class EpochTimer(Callback):
         "Wall and CPU seconds of each training phase: no validation, no fit set-up"
