@@ -7,7 +7,7 @@ from .arg_docs import add_arg_docs
 __version__ = '0.1.0'
 
 # Where each public name lives. They are imported on first use (PEP 562 `__getattr__`), so that `import
-# fastai_tar.cli` costs no torch or fastai import and `fastai-tar --help` answers at once; the objects are
+# fastai_tar.tools.cli` costs no torch or fastai import and `fastai-tar --help` answers at once; the objects are
 # the same as `from fastai_tar.callback import TARCallback` gives.
 _EXPORTS = {'TARCallback': 'callback', 'ar_penalty': 'functional', 'tar_penalty': 'functional',
             'ar_sum_count': 'functional', 'tar_sum_count': 'functional', 'ar_tar_sum_count': 'functional',

@@ -1,7 +1,7 @@
-"`python -m fastai_tar demo|bench`"
+"`python -m fastai_tar demo|bench`: the `fastai-tar` command (`fastai_tar.tools.cli`)"
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == '__main__':  # importing it (doc tools, pydoc) must not run the command line
     sys.exit(main())

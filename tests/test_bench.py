@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from fastai_tar import bench
-from fastai_tar.bench import QUICK_SHAPES, format_compile, format_table, saved_bytes
-from fastai_tar.cli import main
+from fastai_tar.tools import bench
+from fastai_tar.tools.bench import QUICK_SHAPES, format_compile, format_table, saved_bytes
+from fastai_tar.tools.cli import main
 
 
 @pytest.fixture(autouse=True)

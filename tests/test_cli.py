@@ -1,4 +1,4 @@
-"""The `fastai-tar` command as a user meets it (`fastai_tar.cli`): answers before torch is imported, lists its
+"""The `fastai-tar` command as a user meets it (`fastai_tar.tools.cli`): answers before torch is imported, lists its
 commands, `--version`, Ctrl-C, output to a pipe, notes on runs too small to mean much; and `help()` of the
 public names."""
 import json
@@ -14,8 +14,8 @@ import pytest
 from fastcore.docments import docments
 
 import fastai_tar
-from fastai_tar import bench, demo
-from fastai_tar.cli import SUBCOMMANDS, _parser, main
+from fastai_tar.tools import bench, demo
+from fastai_tar.tools.cli import SUBCOMMANDS, _parser, main
 
 ROOT = Path(__file__).parents[1]
 
@@ -30,7 +30,7 @@ def test_help_version_and_usage_errors_import_neither_torch_nor_fastai():
     "What makes `--help` and a usage error answer at once (4-10 s before): no torch, no fastai until a command runs"
     res = _python("""
         import contextlib, io, sys
-        from fastai_tar.cli import main
+        from fastai_tar.tools.cli import main
         for argv in (['--help'], ['demo', '--help'], ['bench', '--help'], ['--version'], [], ['frob'],
                      ['demo', '--epochs', 'x'], ['bench', '--bogus']):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

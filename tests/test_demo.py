@@ -1,4 +1,4 @@
-"Tests of `fastai-tar demo` (`fastai_tar.demo`): quick mode end to end, the runs, the outputs and bad arguments."
+"Tests of `fastai-tar demo` (`fastai_tar.tools.demo`): quick mode end to end, the runs, the outputs and bad arguments."
 import contextlib
 import io
 import json
@@ -10,9 +10,9 @@ import sys
 import pandas as pd
 import pytest
 
-from fastai_tar import demo
-from fastai_tar.cli import main
-from fastai_tar.corpus import corpus_frame, lm_dls
+from fastai_tar.tools import demo
+from fastai_tar.tools.cli import main
+from fastai_tar.tools.corpus import corpus_frame, lm_dls
 
 
 @pytest.fixture(scope='module')

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from torch.profiler import profile
 
 import fastai_tar.functional as tf
-from fastai_tar.bench import fastai_penalty, saved_bytes
+from fastai_tar.tools.bench import fastai_penalty, saved_bytes
 from fastai_tar.functional import ar_penalty, ar_sum_count, mean_of, tar_penalty, tar_sum_count
 
 HALF = (torch.bfloat16, torch.float16)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import grad, jacrev, jvp, vmap
 
 import fastai_tar.functional as tf
-from fastai_tar.bench import saved_bytes
+from fastai_tar.tools.bench import saved_bytes
 from fastai_tar.functional import ar_penalty, ar_sum_count, tar_penalty, tar_sum_count
 
 FUNCS = {'ar': ar_penalty, 'tar': tar_penalty, 'ar_sum': lambda *a: ar_sum_count(*a)[0],

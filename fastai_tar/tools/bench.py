@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .cli import UsageError, check_writable
-from .functional import ar_tar_sum_count, mean_of
+from ..functional import ar_tar_sum_count, mean_of
 
 __all__ = ['SHAPES', 'QUICK_SHAPES', 'fastai_penalty', 'our_penalty', 'saved_bytes', 'compile_naive', 'bench_row',
            'compiled_columns', 'bench_table', 'format_table', 'format_compile', 'train_epochs', 'SmallTSModel',
@@ -296,7 +296,7 @@ def train_epochs(
     from fastai.text.all import AWD_LSTM, awd_lstm_lm_config, get_language_model
     from fastai.text.data import LMDataLoader
     from fastai.torch_core import set_seed
-    from .callback import TARCallback
+    from ..callback import TARCallback
 
     n_train = bs * (batches * bptt + 1)
     toks = synthetic_tokens(n_train + bs * (2 * bptt + 1), vocab, seed)
@@ -358,7 +358,7 @@ def ts_train_epochs(
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
     from fastai.torch_core import set_seed
-    from .callback import TARCallback
+    from ..callback import TARCallback
 
     g = torch.Generator().manual_seed(seed)
     n = bs * batches

@@ -1,7 +1,8 @@
 """The `fastai-tar` command: `demo` shows what AR/TAR does on an offline corpus, `bench` measures speed and memory.
 
 This module defines every option, and imports neither torch nor fastai: `--help`, `--version` and usage
-errors answer at once. A subcommand's module (`fastai_tar.demo`, `fastai_tar.bench`) is imported only to run it.
+errors answer at once. A subcommand's module (`fastai_tar.tools.demo`, `fastai_tar.tools.bench`) is imported only
+to run it.
 """
 import argparse
 import ast
@@ -12,7 +13,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 __all__ = ['UsageError', 'check_writable', 'main']
 

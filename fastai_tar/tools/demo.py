@@ -25,7 +25,7 @@ from fastcore.basics import noop
 from fastai.text.all import AWD_LSTM, Perplexity, awd_lstm_lm_config, language_model_learner, set_seed
 from matplotlib.figure import Figure
 
-from .callback import TARCallback
+from ..callback import TARCallback
 from .cli import UsageError, check_writable
 from .corpus import corpus_frame, lm_dls
 

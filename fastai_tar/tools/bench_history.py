@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from .history import PenaltyHistory
+from ..history import PenaltyHistory
 
 __all__ = ['history_cost', 'frame_seconds', 'format_history']
 
@@ -25,7 +25,7 @@ def history_cost(
     from fastai.text.all import AWD_LSTM, awd_lstm_lm_config, get_language_model
     from fastai.text.data import LMDataLoader
     from fastai.torch_core import set_seed
-    from .callback import TARCallback
+    from ..callback import TARCallback
     set_seed(seed)
     bs, sl, vocab = 2, 4, 50
     toks = torch.randint(vocab, (bs * (batches * sl + 1) + bs * (sl + 1),))
