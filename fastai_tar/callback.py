@@ -191,6 +191,11 @@ class TARCallback(Callback):
     def before_validate(self): self._report.before_validate()
 
     @property
+    def log(self):
+        "The raw per-batch record (a PenaltyHistory) behind history"
+        return self._report.log
+
+    @property
     def history(self):
         "A DataFrame with one row per training batch of the last fit: iter, loss, ar, tar, alpha, beta"
         return self._report.frame()

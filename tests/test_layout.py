@@ -56,3 +56,8 @@ def test_earlier_import_paths_are_the_tools_modules():
     assert fastai_tar.__all__ == ['TARCallback', 'ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count',
                                   'mean_of']
 
+
+def test_data_builders_do_not_depend_on_the_command_line():
+    "`corpus` and `book` raise ValueError/TypeError of their own; `fastai-tar demo` turns them into usage errors"
+    for name in ('corpus', 'book'):
+        assert not {m for m in _imports(PKG / 'tools' / f'{name}.py') if m.startswith('fastai_tar.tools.cli')}

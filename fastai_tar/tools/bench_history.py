@@ -36,7 +36,7 @@ def history_cost(
     learn = Learner(dls, get_language_model(AWD_LSTM, vocab, config=cfg), loss_func=CrossEntropyLossFlat(),
                     cbs=TARCallback())
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
-    log = learn.tar._report.log
+    log = learn.tar.log
     held = sum(sys.getsizeof(a) for a in (log.iters, log.values, log.coefs))
     return dict(batches=len(log), terms=log.n_terms, item_bytes=log.nbytes, held_bytes=held,
                 item_bytes_per_batch=log.nbytes / len(log), held_bytes_per_batch=held / len(log))
