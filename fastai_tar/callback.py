@@ -7,6 +7,7 @@ from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastcore.basics import PrettyString, store_attr
 
+from .arg_docs import add_arg_docs
 from .capture import ForwardCapture, call_sums, not_called_message
 from .contract import OutputTarget, check_loss_input, output_sums, output_targets, reads_output
 from .functional import mean_of
@@ -19,6 +20,7 @@ from .targets import COEF_ARG, NothingToRegularize, check_arguments, describe_mo
 __all__ = ['TARCallback']
 
 
+@add_arg_docs
 class TARCallback(Callback):
     "Add `alpha`*AR and `beta`*TAR of hooked recurrent activations to the training loss (Merity et al.)"
     # after_loss must add the penalty before `GradientAccumulation` rescales `loss_grad`, and run in

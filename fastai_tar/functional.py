@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from .arg_docs import add_arg_docs
+
 __all__ = ['ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count', 'mean_of']
 
 # Elements per block. Eager PyTorch pays a few microseconds per op, so blocks must be large for
@@ -323,6 +325,7 @@ def _apply(fn, h: Tensor, mask, seq_dim: int, mean: bool) -> Tensor:
     return fn.apply(h, mask, seq_dim, mean)
 
 
+@add_arg_docs
 def ar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
@@ -333,6 +336,7 @@ def ar_sum_count(
     return _apply(_SquareSum, h, mask, seq_dim, False), _ar_count(h, mask)
 
 
+@add_arg_docs
 def tar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
@@ -343,12 +347,14 @@ def tar_sum_count(
     return _apply(_SquaredDiffSum, h, mask, seq_dim, False), _tar_count(h, mask, seq_dim)
 
 
+@add_arg_docs
 def mean_of(total: Tensor, count: Tensor | int) -> Tensor:
     "`total / count`, and exactly 0 (not NaN) where nothing was counted: then `total` is 0 as well."
     if isinstance(count, Tensor): return total / count.clamp(min=1).to(total.dtype)
     return total / max(count, 1)
 
 
+@add_arg_docs
 def ar_penalty(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
@@ -360,6 +366,7 @@ def ar_penalty(
     return _apply(_SquareSum, h, mask, _check(h, mask, seq_dim), True)
 
 
+@add_arg_docs
 def tar_penalty(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its last dim; True where real data
