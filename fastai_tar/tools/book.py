@@ -54,7 +54,9 @@ def human_numbers_dls(
     if cut // bs == 0 or (len(seqs) - cut) // bs == 0:
         raise ValueError(f"upto={upto} gives {len(seqs)} sequences of sl={sl}: too few for a training and a "
                          f"validation batch of bs={bs}")
+    # num_workers=0: the batches are slices of tensors in memory, and fastai's default forks a worker per core each
+    # epoch, which Python >= 3.12 warns about (DeprecationWarning) in a process with threads
     dls = DataLoaders.from_dsets(group_chunks(seqs[:cut], bs), group_chunks(seqs[cut:], bs), bs=bs, drop_last=True,
-                                 shuffle=False, device='cpu')
+                                 shuffle=False, device='cpu', num_workers=0)
     dls.vocab = vocab
     return dls
