@@ -110,6 +110,15 @@ def test_a_comment_over_several_lines_is_read_whole():
     assert len(source_comments('TARCallback')['contract']) == 2
 
 
+def test_the_data_builders_list_their_arguments():
+    "`fastai_tar.corpus` and `fastai_tar.book` are decorated where they are defined too"
+    from fastai_tar.tools.book import human_numbers_dls
+    from fastai_tar.tools.corpus import corpus_frame, lm_dls
+    assert '    bs (int) = 64: batch size' in human_numbers_dls.__doc__
+    assert "    tok (Any) = None: a fastai tokenizer; None is `default_tokenizer()`" in lm_dls.__doc__
+    assert corpus_frame.__doc__.split('else a .txt\n')[1].startswith('        file or a folder of them\n')
+
+
 def test_add_arg_docs_on_a_written_out_example():
     @add_arg_docs
     def f(

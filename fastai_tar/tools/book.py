@@ -9,6 +9,8 @@ from fastai.data.core import DataLoaders
 from fastcore.foundation import L
 import torch
 
+from ..arg_docs import add_arg_docs
+
 __all__ = ['number_words', 'human_numbers', 'group_chunks', 'human_numbers_dls']
 
 _ONES = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen '
@@ -38,6 +40,7 @@ def group_chunks(ds, bs: int) -> L:
     return L(ds[i + m * j] for i in range(m) for j in range(bs))
 
 
+@add_arg_docs
 def human_numbers_dls(
     upto: int = 9999,  # the corpus: the numbers 1 to `upto`
     bs: int = 64,  # batch size (the chapter's 64)

@@ -9,20 +9,25 @@ the same in every run; `lm_dls` tokenizes them with fastai's tokenizer into lang
 `DataLoaders`, in this process and in memory.
 """
 import ast
+import os
 import re
 import sys
 import sysconfig
 import tokenize
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from fastai.data.block import DataBlock
+from fastai.data.core import DataLoaders
 from fastai.data.transforms import ColReader, ColSplitter
 from fastai.text.core import BaseTokenizer, WordTokenizer
 from fastai.text.data import TextBlock, _get_lengths
 from fastai.torch_core import set_seed
 from pydoc_data.topics import topics
+
+from ..arg_docs import add_arg_docs
 
 __all__ = ['CorpusError', 'CorpusNotFoundError', 'python_docs', 'read_texts', 'to_blocks', 'split_blocks',
            'corpus_frame', 'default_tokenizer', 'lm_dls']
@@ -79,8 +84,9 @@ def python_docs() -> list[tuple[str, str]]:
     return [(n, t) for n, t in docs if t]
 
 
+@add_arg_docs
 def read_texts(
-    path,  # a text file, or a folder whose `.txt` files (in subfolders too) are read in sorted order
+    path: str | os.PathLike,  # a text file, or a folder whose `.txt` files (in subfolders too) are read in sorted order
 ) -> list[tuple[str, str]]:
     "`(name, text)` documents from the user's own text, read as UTF-8 and kept as written"
     path = Path(path).expanduser()
@@ -98,6 +104,7 @@ def read_texts(
     return docs
 
 
+@add_arg_docs
 def to_blocks(
     docs: list[tuple[str, str]],  # `(name, text)` documents
     block_chars: int = 2000,  # a block closes at the first paragraph break after this many characters
@@ -115,6 +122,7 @@ def to_blocks(
     return blocks
 
 
+@add_arg_docs
 def split_blocks(
     blocks: list[tuple[str, str]],  # `(name, text)` blocks with distinct names
     valid_pct: float = 0.1,  # share of the blocks that go to the validation set
@@ -133,8 +141,10 @@ def split_blocks(
                          'is_valid': [i in valid for i in range(n)]})
 
 
+@add_arg_docs
 def corpus_frame(
-    path=None,  # None: the Python documentation corpus (`python_docs`); else a .txt file or a folder of them
+    path: str | os.PathLike | None = None,  # None: the Python documentation corpus (`python_docs`); else a .txt
+                                            # file or a folder of them
     valid_pct: float = 0.1,  # share of the blocks in the validation set
     block_chars: int = 2000,  # approximate characters per block
     max_chars: int | None = None,  # keep only the first blocks of each side, about this many characters in all
@@ -159,12 +169,13 @@ def _first_chars(df: pd.DataFrame, max_chars: int, valid_pct: float) -> pd.DataF
     return df[keep].reset_index(drop=True)
 
 
-def default_tokenizer():
+def default_tokenizer() -> BaseTokenizer | WordTokenizer:
     "fastai's `WordTokenizer` (spaCy's rules for English, no model download), or `BaseTokenizer` without spaCy"
     try: return WordTokenizer()
     except ImportError: return BaseTokenizer()  # splits on spaces: coarser tokens, same pipeline
 
 
+@add_arg_docs
 def lm_dls(
     df: pd.DataFrame,  # `corpus_frame`'s output
     bs: int = 32,  # sequences per batch
@@ -172,10 +183,10 @@ def lm_dls(
     seed: int | None = 42,  # seeds the loaders' build; each epoch's LM shuffle reads the global RNG (seed before fit)
     min_freq: int = 3,  # tokens rarer than this become `xxunk`
     max_vocab: int = 60000,  # the vocabulary's size limit
-    tok=None,  # a fastai tokenizer; None is `default_tokenizer()`
-    path='.',  # the `DataLoaders`' path (where a learner saves)
+    tok: Any = None,  # a fastai tokenizer; None is `default_tokenizer()`
+    path: str | os.PathLike = '.',  # the `DataLoaders`' path (where a learner saves)
     **kwargs,  # more `DataBlock.dataloaders` arguments
-):
+) -> DataLoaders:
     "fastai language-model `DataLoaders` of the corpus, tokenized here in memory: no worker processes, no files"
     for v, arg in ((bs, 'bs'), (bptt, 'bptt')):
         if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"{arg} must be an integer >= 1, got {v!r}")
