@@ -161,7 +161,8 @@ def list_lm(dls): torch.manual_seed(0); return ListLM(len(dls.vocab))
 
 
 def test_per_layer_lists_last_layer_by_default_as_fastai(dls):
-    fastai = train(Learner(dls, list_lm(dls), loss_func=CrossEntropyLossFlat(), cbs=[RNNCallback(), RNNRegularizer(2., 1.)]),
+    fastai = train(Learner(dls, list_lm(dls), loss_func=CrossEntropyLossFlat(),
+                           cbs=[RNNCallback(), RNNRegularizer(2., 1.)]),
                    n_epoch=2)
     ours = train(Learner(dls, list_lm(dls), loss_func=CrossEntropyLossFlat(), cbs=TARCallback()), n_epoch=2)
     assert_same_training(ours, fastai)
@@ -196,8 +197,11 @@ class CellLM(Module):
 
 
 def test_contract_model_without_rnn_module_matches_fastai(dls):
-    def make(cbs): torch.manual_seed(0); return Learner(dls, CellLM(len(dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=cbs)
-    assert_same_training(train(make(TARCallback()), n_epoch=2), train(make([RNNCallback(), RNNRegularizer(2., 1.)]), n_epoch=2))
+    def make(cbs):
+        torch.manual_seed(0)
+        return Learner(dls, CellLM(len(dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+    assert_same_training(train(make(TARCallback()), n_epoch=2),
+                         train(make([RNNCallback(), RNNRegularizer(2., 1.)]), n_epoch=2))
 
 
 def test_without_contract_or_rnn_module_the_search_error_comes_at_the_first_batch(dls):
@@ -292,8 +296,10 @@ def test_a_tuple_reaching_a_tensor_loss_is_our_error_not_an_attribute_error(dls)
     with pytest.raises(TupleLossError, match=r"tuple of 2 .* reach the loss CrossEntropyLossFlat.*it has 2 items, not "
                                              r"three\. Return only the logits"):
         quiet_fit(learn)
-    learn = Learner(dls, lmmodel7(dls), loss_func=nn.CrossEntropyLoss(), cbs=[ModelResetter(), TARCallback(contract=False)])
-    with pytest.raises(TupleLossError, match=r"CrossEntropyLoss.*TARCallback\(contract=False\) leaves tuples to the loss"):
+    learn = Learner(dls, lmmodel7(dls), loss_func=nn.CrossEntropyLoss(),
+                    cbs=[ModelResetter(), TARCallback(contract=False)])
+    with pytest.raises(TupleLossError,
+                       match=r"CrossEntropyLoss.*TARCallback\(contract=False\) leaves tuples to the loss"):
         quiet_fit(learn)
     assert hook_ids(learn.model) == set()
 
@@ -305,8 +311,8 @@ def test_a_loss_that_takes_the_tuple_keeps_working(dls):
         seen.append(type(pred))
         return CrossEntropyLossFlat()(pred[0], y) + 0.5 * pred[1].pow(2).mean()
     spy = LossSpy()
-    learn = Learner(dls, lmmodel7(dls), loss_func=tuple_loss, cbs=[ModelResetter(), spy,
-                                                                  TARCallback(modules='rnn', ar_modules='drop', contract=False)])
+    learn = Learner(dls, lmmodel7(dls), loss_func=tuple_loss,
+                    cbs=[ModelResetter(), spy, TARCallback(modules='rnn', ar_modules='drop', contract=False)])
     quiet_fit(learn)
     assert set(seen) == {tuple} and min(spy.added) > 1e-3  # the loss got the tuple, the hooks the activations
     seen.clear()

@@ -6,8 +6,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import fastai_tar
-
 ROOT = Path(__file__).parents[1]
 PKG = ROOT / 'fastai_tar'
 ALIASES = {'corpus', 'book'}  # `fastai_tar.corpus` and `fastai_tar.book`: the tools' modules under their old names

@@ -22,7 +22,8 @@ def test_language_model_defaults_to_merity_places():
 def test_all_layers_hooks_every_rnn():
     model = tiny_lm()
     got = places(find_targets(model, 2., 1., all_layers=True))
-    assert got == [('ar', '0.hidden_dps.0', 2.), ('ar', '1.output_dp', 2.), ('tar', '0.rnns.0', 1.), ('tar', '0.rnns.1', 1.)]
+    assert got == [('ar', '0.hidden_dps.0', 2.), ('ar', '1.output_dp', 2.),
+                   ('tar', '0.rnns.0', 1.), ('tar', '0.rnns.1', 1.)]
 
 
 def test_classifier_uses_sentence_encoder():
@@ -40,7 +41,8 @@ def test_generic_model_last_rnn(rnn):
 def test_names_modules_and_coefficients():
     model = tiny_lm()
     got = find_targets(model, 2., 1., modules={'0.rnns.0': 0.5, model[0].rnns[1]: 3.})
-    assert places(got) == [('ar', '0.rnns.0', 2.), ('ar', '0.rnns.1', 2.), ('tar', '0.rnns.0', .5), ('tar', '0.rnns.1', 3.)]
+    assert places(got) == [('ar', '0.rnns.0', 2.), ('ar', '0.rnns.1', 2.),
+                           ('tar', '0.rnns.0', .5), ('tar', '0.rnns.1', 3.)]
     got = find_targets(model, [1., 4.], [.5, 3.], modules=['0.rnns.0', '0.rnns.1'])
     assert [t.coef for t in got] == [1., 4., .5, 3.]
     got = find_targets(model, 2., 1., modules='0', ar_modules=['1.output_dp'])
