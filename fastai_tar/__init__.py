@@ -1,8 +1,6 @@
 "Temporal Activation Regularization (TAR) and Activation Regularization (AR) for fastai."
 import importlib
-from typing import TYPE_CHECKING
-
-from .arg_docs import add_arg_docs
+from typing import TYPE_CHECKING, Any
 
 __version__ = '0.1.0'
 
@@ -15,19 +13,20 @@ _EXPORTS = {'TARCallback': 'callback', 'ar_penalty': 'functional', 'tar_penalty'
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for editors and type checkers, which do not run `__getattr__`
-    from .callback import TARCallback
-    from .fastai_interop import TupleLossError
-    from .functional import ar_penalty, ar_sum_count, ar_tar_sum_count, mean_of, tar_penalty, tar_sum_count
-    from .plan import NothingToRegularize
+    # `name as name`: the form that marks a re-export in a typed package (PEP 484)
+    from .callback import TARCallback as TARCallback
+    from .functional import ar_penalty as ar_penalty, ar_sum_count as ar_sum_count, mean_of as mean_of
+    from .functional import tar_penalty as tar_penalty, tar_sum_count as tar_sum_count
+    from .functional import ar_tar_sum_count as ar_tar_sum_count
+    from .fastai_interop import TupleLossError as TupleLossError
+    from .plan import NothingToRegularize as NothingToRegularize
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS: raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    # `help()` shows each argument with the comment it is declared with (docments style)
     obj = getattr(importlib.import_module(f'.{_EXPORTS[name]}', __name__), name)
-    if not isinstance(obj, type) or not issubclass(obj, Exception): obj = add_arg_docs(obj)
     globals()[name] = obj  # later look-ups find it without coming here
     return obj
 
 
-def __dir__(): return sorted([*globals(), *_EXPORTS])
+def __dir__() -> list[str]: return sorted([*globals(), *_EXPORTS])

@@ -12,6 +12,7 @@ from fastai.learner import Learner
 from fastcore.basics import PrettyString, store_attr
 from torch.nn.utils.rnn import PackedSequence
 
+from .arg_docs import add_arg_docs
 from .arguments import ALPHA, BETA, check_arguments, coef_objects, describe_modules
 from .capture import ForwardCapture, read_item, read_tensors, term_sums
 from .fastai_interop import (RECURRENT, FastaiRegularizerSwitch, certain_contract, check_loss_input, describe,
@@ -64,6 +65,7 @@ def _cleans_up_on_error(event):
     return wrapped
 
 
+@add_arg_docs
 class TARCallback(Callback):
     "Add `alpha`*AR and `beta`*TAR of recurrent activations to the training loss (Merity et al.)"
     # after_loss must add the penalty before `GradientAccumulation` rescales `loss_grad`; before_batch runs before
@@ -298,6 +300,11 @@ class TARCallback(Callback):
     def before_validate(self): self._report.before_validate()
 
     @property
+    def log(self):
+        "The raw per-batch record (a PenaltyHistory) behind history"
+        return self._report.log
+
+    @property
     def history(self):
         "A DataFrame with one row per training batch of the last fit: iter, loss, ar, tar, alpha, beta"
         return self._report.frame()
@@ -306,11 +313,6 @@ class TARCallback(Callback):
     def reads(self) -> list:
         "The settled plan's reads (`plan.Read`), one per term; [] before the first training batch"
         return [] if self._holding_plan() is None else self._plan.reads
-
-    @property
-    def log(self):
-        "The raw per-batch record (a PenaltyHistory) behind history"
-        return self._report.log
 
     def plot(self, ax=None):
         "Plot the loss and the weighted AR/TAR terms of the last fit against iterations; returns the figure"

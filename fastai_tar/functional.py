@@ -24,6 +24,8 @@ import threading
 import torch
 from torch import Tensor
 
+from .arg_docs import add_arg_docs
+
 __all__ = ['ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count', 'ar_tar_sum_count', 'mean_of']
 
 # Elements per block. Eager PyTorch pays a few microseconds per op, so blocks must be large for that to stay small
@@ -433,6 +435,7 @@ def _terms(ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, mean: bool) -> tup
     return _ArTarSums.apply(ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, mean)
 
 
+@add_arg_docs
 def ar_tar_sum_count(
     ar_h: Tensor | None = None,  # AR's activations (the dropped output); None: no AR term
     tar_h: Tensor | None = None,  # TAR's activations (the raw output); None: no TAR term; may be `ar_h` itself
@@ -460,6 +463,7 @@ def _tar(h, mask, seq_dim, feature_dim, mean: bool) -> Tensor:
     return _terms(None, h, None, mask, sd, None, fd, mean)[1]
 
 
+@add_arg_docs
 def ar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its feature dim; True where real data
@@ -470,6 +474,7 @@ def ar_sum_count(
     return _ar(h, mask, seq_dim, feature_dim, False), _ar_count(h, mask, _axis(feature_dim, 'feature_dim') % h.dim())
 
 
+@add_arg_docs
 def tar_sum_count(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its feature dim; True where real data
@@ -480,6 +485,7 @@ def tar_sum_count(
     return _tar(h, mask, seq_dim, feature_dim, False), _tar_count(h, mask, *_check(h, mask, seq_dim, feature_dim, True))
 
 
+@add_arg_docs
 def mean_of(
     total: Tensor,  # a sum, e.g. the first item of `ar_sum_count`
     count: Tensor | int,  # how many elements it summed
@@ -489,6 +495,7 @@ def mean_of(
     return total / max(count, 1)
 
 
+@add_arg_docs
 def ar_penalty(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its feature dim; True where real data
@@ -501,6 +508,7 @@ def ar_penalty(
     return _ar(h, mask, seq_dim, feature_dim, True)
 
 
+@add_arg_docs
 def tar_penalty(
     h: Tensor,  # activations, e.g. `bs x sl x n_hid`; float16/32/64, bfloat16 or float8 (e4m3fn(uz), e5m2(fnuz))
     mask: Tensor | None = None,  # bool, shaped like `h` without its feature dim; True where real data

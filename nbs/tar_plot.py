@@ -1,4 +1,4 @@
-"""Draw the README's picture of `learn.tar.plot()`: `python nbs/tar_plot.py [OUT.png]`, by default nbs/images/tar_plot.png.
+"""Draw the README's picture of `learn.tar.plot()`: `python nbs/tar_plot.py [OUT.png]`, default nbs/images/tar_plot.png.
 
 A small AWD-LSTM language model trains offline on the Python documentation corpus (`fastai_tar.corpus`)
 with AR on and TAR warming up from 0 (`beta=SchedLin(0., 1.)`), and prints its fit table, history and repr.

@@ -274,7 +274,8 @@ class Capture:
 
 class LossSpy(Callback):
     """After every callback's after_loss, in training and validation: the plain loss and loss_grad of each batch
-    (what a callback added is their difference) and fastai's pct_train; cancels the fit after `stop` training batches."""
+    (what a callback added is their difference) and fastai's pct_train; cancels the fit after `stop` training
+    batches."""
     order, run_valid = 50, True
 
     def __init__(self, stop=None): self.stop, self.rows = stop, []
@@ -309,7 +310,7 @@ class Boom(Callback):
 
 
 class AliveAfterBatch(Callback):
-    "After every batch (and every earlier callback's after_batch), count the activations `caps` saw that are still alive."
+    "After every batch (and every earlier callback's after_batch), count the activations `caps` saw that are alive"
     order = 60
 
     def __init__(self, caps): self.caps, self.alive, self.phases = caps, [], []

@@ -1,4 +1,4 @@
-"The fastai book's chapter 12 data built offline (`fastai_tar.tools.book`): the numbers in words, streams that continue."
+"The fastai book's chapter 12 data built offline (`fastai_tar.tools.book`): the numbers in words, continuing streams"
 import pytest
 import torch
 
@@ -37,6 +37,11 @@ def test_each_row_continues_the_row_of_the_batch_before():
     batches = list(dls.train)
     for (x, y), (x_next, _) in zip(batches, batches[1:]):
         assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x_next[:, 0], y[:, -1])
+
+
+def test_no_worker_processes():
+    "fastai's default forks a worker per core each epoch: Python >= 3.12 warns about that fork in a threaded process"
+    assert [dl.fake_l.num_workers for dl in human_numbers_dls(upto=200, bs=4, sl=5).loaders] == [0, 0]
 
 
 def test_too_small_a_corpus_says_so():

@@ -172,7 +172,8 @@ def test_fit_that_raised_leaves_no_stale_column():
 
 
 def test_tracker_callbacks_can_monitor_a_penalty_column(tmp_path):
-    learn = tiny_learner(TARCallback(valid_metrics=True), cbs=[SaveModelCallback(monitor='valid_tar', comp=np.less, fname='m')])
+    learn = tiny_learner(TARCallback(valid_metrics=True),
+                         cbs=[SaveModelCallback(monitor='valid_tar', comp=np.less, fname='m')])
     learn.path = tmp_path
     quiet_fit(learn, 3)
     col = learn.recorder.metric_names[1:].index('valid_tar')
@@ -308,7 +309,8 @@ def test_schedule_value_used_is_the_history_and_the_schedule_at_pct_train(kw):
     assert len(set(alphas + betas)) > 2  # the schedule moved
     np.testing.assert_allclose(h['alpha'], alphas, rtol=1e-6)
     np.testing.assert_allclose(h['beta'], betas, rtol=1e-6)
-    ref = [a * ref_ar(d) + b * ref_tar(r) for a, b, d, r in zip(alphas, betas, dropped.train_outputs, raw.train_outputs)]
+    ref = [a * ref_ar(d) + b * ref_tar(r)
+           for a, b, d, r in zip(alphas, betas, dropped.train_outputs, raw.train_outputs)]
     assert spy.added == [penalty(v) for v in ref]
 
 
@@ -343,7 +345,8 @@ def test_all_layers_regularizes_each_awd_lstm_layer():
                                'ar:1.output_dp', 'tar:0.rnns.0', 'tar:0.rnns.1']
     refs = {'ar:0.hidden_dps.0': [2 * ref_ar(x) for x in hd0.train_outputs],
             'ar:1.output_dp': [2 * ref_ar(x) for x in out_dp.train_outputs],
-            'tar:0.rnns.0': [ref_tar(x) for x in rnn0.train_outputs], 'tar:0.rnns.1': [ref_tar(x) for x in rnn1.train_outputs]}
+            'tar:0.rnns.0': [ref_tar(x) for x in rnn0.train_outputs],
+            'tar:0.rnns.1': [ref_tar(x) for x in rnn1.train_outputs]}
     for col, ref in refs.items(): np.testing.assert_allclose(h[col], ref, rtol=1e-5)
     total = np.sum(list(refs.values()), axis=0)
     assert spy.added == [penalty(v) for v in total]
@@ -364,7 +367,8 @@ def test_explicit_modules_with_their_own_coefficients():
                                'tar:0.rnns.0', 'tar:0.rnns.1', 'beta:0.rnns.0', 'beta:0.rnns.1']
     assert h['beta'].isna().all() and (h['beta:0.rnns.0'] == 0.5).all() and (h['beta:0.rnns.1'] == 2.).all()
     assert (h['alpha'] == 3.).all()  # the coefficient used, not the unused default alpha=2
-    ref = [0.5 * ref_tar(a) + 2 * ref_tar(b) + 3 * ref_ar(d) for a, b, d in zip(rnn0.train_outputs, rnn1.train_outputs, out_dp.train_outputs)]
+    ref = [0.5 * ref_tar(a) + 2 * ref_tar(b) + 3 * ref_ar(d)
+           for a, b, d in zip(rnn0.train_outputs, rnn1.train_outputs, out_dp.train_outputs)]
     assert spy.added == [penalty(v) for v in ref]
     np.testing.assert_allclose(h['tar:0.rnns.1'], [2 * ref_tar(b) for b in rnn1.train_outputs], rtol=1e-5)
 
@@ -378,7 +382,8 @@ def test_sequences_of_coefficients_match_modules():
     quiet_fit(learn)
     h, pcts = tar.history, [i / N_BATCHES for i in range(N_BATCHES)]
     np.testing.assert_allclose(h['beta:0.rnns.0'], pcts, rtol=1e-6)
-    ref = [0.5 * ref_ar(d) + p * ref_tar(a) + ref_tar(b) for p, a, b, d in zip(pcts, rnn0.train_outputs, rnn1.train_outputs, out_dp.train_outputs)]
+    ref = [0.5 * ref_ar(d) + p * ref_tar(a) + ref_tar(b)
+           for p, a, b, d in zip(pcts, rnn0.train_outputs, rnn1.train_outputs, out_dp.train_outputs)]
     assert spy.added == [penalty(v) for v in ref]
 
 
@@ -427,7 +432,8 @@ def test_repr_of_several_layers_and_a_term_that_is_off():
 def test_repr_of_a_set_up_that_cannot_hook_says_why():
     learn = tiny_learner(TARCallback(modules=['encoder.rnn'], ar_modules=['1.output_dp']))
     assert repr(learn.tar).startswith("TARCallback(alpha=2.0, beta=1.0, modules=['encoder.rnn'], "
-                                      "ar_modules=['1.output_dp']): cannot hook: modules: no module named 'encoder.rnn'")
+                                      "ar_modules=['1.output_dp']): cannot hook: modules: "
+                                      "no module named 'encoder.rnn'")
     assert '\n' not in repr(learn.tar)
 
 

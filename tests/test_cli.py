@@ -1,9 +1,7 @@
 """The `fastai-tar` command as a user meets it (`fastai_tar.tools.cli`): answers before torch is imported, lists its
-commands, `--version`, Ctrl-C, output to a pipe, notes on runs too small to mean much; and `help()` of the
-public names."""
+commands, `--version`, Ctrl-C, output to a pipe, notes on runs too small to mean much."""
 import json
 import os
-import pydoc
 import signal
 import subprocess
 import sys
@@ -11,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from fastcore.docments import docments
 
 import fastai_tar
 from fastai_tar.tools import bench, demo
@@ -80,37 +77,6 @@ def test_help_quotes_the_commands_own_defaults():
                                       for p in (bench.TRAIN_PRESETS, bench.TS_PRESETS))
     assert f'(default: {lm} for the LM, {ts} for the time-series model; --quick: {ts_quick})' in text
     assert lm_quick == ts_quick
-
-
-# --- help() of the public names -----------------------------------------------------------------------------------
-@pytest.mark.parametrize('name', [n for n in fastai_tar.__all__ if not n.endswith(('Error', 'Regularize'))])
-def test_help_shows_every_argument_with_its_comment(name):
-    obj = getattr(fastai_tar, name)
-    text = pydoc.render_doc(obj, renderer=pydoc.plaintext)
-    comments = docments(obj)
-    args = [a for a in comments if a not in ('self', 'return')]
-    assert args
-    listed = [l.strip(' |') for l in text.split('Arguments:', 1)[1].splitlines()]  # a class's help has ' |' margins
-    for a in args:
-        line = next((l for l in listed if l.startswith(a)), None)
-        assert line is not None, f'{name}: argument {a} missing from help()'
-        if comments[a]: assert line.rstrip().endswith(comments[a])
-
-
-@pytest.mark.parametrize('name', ['TARCallback', 'tar_penalty', 'ar_penalty'])
-def test_main_entry_points_comment_every_argument(name):
-    obj = getattr(fastai_tar, name)
-    assert all(v for k, v in docments(obj).items() if k not in ('self', 'return'))
-    text = pydoc.render_doc(obj, renderer=pydoc.plaintext)
-    assert 'Arguments:' in text and 'Initialize self.  See help' not in text
-
-
-def test_public_names_are_the_submodules_objects():
-    from fastai_tar.callback import TARCallback
-    from fastai_tar.functional import tar_penalty
-    assert fastai_tar.TARCallback is TARCallback and fastai_tar.tar_penalty is tar_penalty
-    assert set(fastai_tar.__all__) <= set(dir(fastai_tar))
-    with pytest.raises(AttributeError, match='no_such_name'): fastai_tar.no_such_name
 
 
 # --- running the commands in a real process -------------------------------------------------------------------------

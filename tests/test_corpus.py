@@ -7,8 +7,8 @@ import torch
 from fastai.torch_core import set_seed
 
 from fastai_tar.tools import corpus
-from fastai_tar.tools.cli import UsageError
-from fastai_tar.tools.corpus import CorpusNotFoundError, corpus_frame, lm_dls, python_docs, read_texts, split_blocks, to_blocks
+from fastai_tar.tools.corpus import (CorpusError, CorpusNotFoundError, corpus_frame, lm_dls, python_docs, read_texts,
+                                     split_blocks, to_blocks)
 
 
 @pytest.fixture(scope='module')
@@ -84,15 +84,15 @@ def test_read_texts_folder(tmp_path):
 
 
 def test_read_texts_errors(tmp_path):
-    "Bad corpora are usage errors (one line from the command), still ValueError/FileNotFoundError for callers."
+    "Bad corpora raise `CorpusError`, a ValueError (and FileNotFoundError for a missing one); not the CLI's error."
     missing = tmp_path / 'missing.txt'
     with pytest.raises(CorpusNotFoundError, match='does not exist') as e: read_texts(missing)
-    assert isinstance(e.value, UsageError) and isinstance(e.value, FileNotFoundError) and str(missing) in str(e.value)
-    with pytest.raises(UsageError, match='no .txt files'): read_texts(tmp_path)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, FileNotFoundError) and str(missing) in str(e.value)
+    with pytest.raises(CorpusError, match='no .txt files'): read_texts(tmp_path)
     bad = tmp_path / 'latin1.txt'
     bad.write_bytes('caf\xe9'.encode('latin-1'))
-    with pytest.raises(UsageError, match='not UTF-8'): read_texts(bad)
-    assert issubclass(UsageError, ValueError)
+    with pytest.raises(CorpusError, match='not UTF-8'): read_texts(bad)
+    assert issubclass(CorpusError, ValueError)
 
 
 def test_corpus_frame_user_file(tmp_path):
@@ -108,12 +108,12 @@ def test_corpus_frame_user_file(tmp_path):
 def test_corpus_frame_errors(tmp_path):
     empty = tmp_path / 'empty.txt'
     empty.write_text(' \n\n \n')
-    with pytest.raises(UsageError, match='empty'): corpus_frame(empty)
+    with pytest.raises(CorpusError, match='empty'): corpus_frame(empty)
     tiny = tmp_path / 'tiny.txt'
     tiny.write_text('One short paragraph.')
-    with pytest.raises(UsageError, match='too little to split'): corpus_frame(tiny)
+    with pytest.raises(CorpusError, match='too little to split'): corpus_frame(tiny)
     with pytest.raises(CorpusNotFoundError): corpus_frame(tmp_path / 'nope')
-    with pytest.raises(UsageError, match='max_chars'): corpus_frame(tiny, max_chars=0)
+    with pytest.raises(ValueError, match='max_chars'): corpus_frame(tiny, max_chars=0)
 
 
 def test_corpus_frame_max_chars(docs, monkeypatch):
@@ -159,8 +159,8 @@ def test_split_blocks_stable_when_blocks_are_added():
 
 
 def test_split_blocks_errors():
-    with pytest.raises(UsageError, match='too little'): split_blocks([('a', 'x')])
-    with pytest.raises(UsageError, match='valid_pct'): split_blocks([('a', 'x'), ('b', 'y')], valid_pct=1.)
+    with pytest.raises(CorpusError, match='too little'): split_blocks([('a', 'x')])
+    with pytest.raises(ValueError, match='valid_pct'): split_blocks([('a', 'x'), ('b', 'y')], valid_pct=1.)
 
 
 # --- fastai loaders ---------------------------------------------------------------------------------------
@@ -207,8 +207,9 @@ def test_lm_dls_deterministic(small_df):
 
 
 def test_lm_dls_errors(small_df):
-    with pytest.raises(UsageError, match='valid set holds fewer than bs'): lm_dls(small_df, bs=500, bptt=8)
-    with pytest.raises(UsageError, match='bptt'): lm_dls(small_df, bs=4, bptt=0)
+    with pytest.raises(CorpusError, match='valid set holds fewer than bs'): lm_dls(small_df, bs=500, bptt=8)
+    with pytest.raises(ValueError, match='bptt'): lm_dls(small_df, bs=4, bptt=0)
+    with pytest.raises(TypeError, match='bs'): lm_dls(small_df, bs=4.)
 
 
 def test_default_tokenizer_without_spacy(monkeypatch):

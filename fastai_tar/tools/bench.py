@@ -300,8 +300,10 @@ def train_epochs(
 
     n_train = bs * (batches * bptt + 1)
     toks = synthetic_tokens(n_train + bs * (2 * bptt + 1), vocab, seed)
-    train = LMDataLoader([toks[:n_train]], bs=bs, seq_len=bptt, shuffle=True)
-    valid = LMDataLoader([toks[n_train:]], bs=bs, seq_len=bptt)
+    # num_workers=0: batches of tensors in memory need no worker, and fastai's default forks one per core each
+    # epoch, which Python >= 3.12 warns about in a process with threads
+    train = LMDataLoader([toks[:n_train]], bs=bs, seq_len=bptt, shuffle=True, num_workers=0)
+    valid = LMDataLoader([toks[n_train:]], bs=bs, seq_len=bptt, num_workers=0)
     cfg = awd_lstm_lm_config.copy()
     cfg.update(emb_sz=emb_sz, n_hid=n_hid, n_layers=n_layers)
     variants = {'no penalty': lambda: [RNNCallback()],

@@ -30,13 +30,13 @@ def history_cost(
     bs, sl, vocab = 2, 4, 50
     toks = torch.randint(vocab, (bs * (batches * sl + 1) + bs * (sl + 1),))
     n_train = bs * (batches * sl + 1)
-    dls = DataLoaders(LMDataLoader([toks[:n_train]], bs=bs, seq_len=sl),
-                      LMDataLoader([toks[n_train:]], bs=bs, seq_len=sl), device='cpu')
+    dls = DataLoaders(LMDataLoader([toks[:n_train]], bs=bs, seq_len=sl, num_workers=0),  # in memory: no worker
+                      LMDataLoader([toks[n_train:]], bs=bs, seq_len=sl, num_workers=0), device='cpu')
     cfg = dict(awd_lstm_lm_config, emb_sz=8, n_hid=8, n_layers=1)
     learn = Learner(dls, get_language_model(AWD_LSTM, vocab, config=cfg), loss_func=CrossEntropyLossFlat(),
                     cbs=TARCallback())
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
-    log = learn.tar._report.log
+    log = learn.tar.log
     held = sum(sys.getsizeof(a) for a in (log.iters, log.values, log.coefs))
     return dict(batches=len(log), terms=log.n_terms, item_bytes=log.nbytes, held_bytes=held,
                 item_bytes_per_batch=log.nbytes / len(log), held_bytes_per_batch=held / len(log))

@@ -9,6 +9,8 @@ from fastai.data.core import DataLoaders
 from fastcore.foundation import L
 import torch
 
+from ..arg_docs import add_arg_docs
+
 __all__ = ['number_words', 'human_numbers', 'group_chunks', 'human_numbers_dls']
 
 _ONES = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen '
@@ -38,6 +40,7 @@ def group_chunks(ds, bs: int) -> L:
     return L(ds[i + m * j] for i in range(m) for j in range(bs))
 
 
+@add_arg_docs
 def human_numbers_dls(
     upto: int = 9999,  # the corpus: the numbers 1 to `upto`
     bs: int = 64,  # batch size (the chapter's 64)
@@ -54,7 +57,9 @@ def human_numbers_dls(
     if cut // bs == 0 or (len(seqs) - cut) // bs == 0:
         raise ValueError(f"upto={upto} gives {len(seqs)} sequences of sl={sl}: too few for a training and a "
                          f"validation batch of bs={bs}")
+    # num_workers=0: the batches are slices of tensors in memory, and fastai's default forks a worker per core each
+    # epoch, which Python >= 3.12 warns about (DeprecationWarning) in a process with threads
     dls = DataLoaders.from_dsets(group_chunks(seqs[:cut], bs), group_chunks(seqs[cut:], bs), bs=bs, drop_last=True,
-                                 shuffle=False, device='cpu')
+                                 shuffle=False, device='cpu', num_workers=0)
     dls.vocab = vocab
     return dls

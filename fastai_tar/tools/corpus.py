@@ -9,32 +9,39 @@ the same in every run; `lm_dls` tokenizes them with fastai's tokenizer into lang
 `DataLoaders`, in this process and in memory.
 """
 import ast
+import os
 import re
 import sys
 import sysconfig
 import tokenize
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from fastai.data.block import DataBlock
+from fastai.data.core import DataLoaders
 from fastai.data.transforms import ColReader, ColSplitter
 from fastai.text.core import BaseTokenizer, WordTokenizer
 from fastai.text.data import TextBlock, _get_lengths
 from fastai.torch_core import set_seed
 from pydoc_data.topics import topics
 
-from .cli import UsageError
+from ..arg_docs import add_arg_docs
 
-__all__ = ['CorpusNotFoundError', 'python_docs', 'read_texts', 'to_blocks', 'split_blocks', 'corpus_frame',
-           'default_tokenizer', 'lm_dls']
+__all__ = ['CorpusError', 'CorpusNotFoundError', 'python_docs', 'read_texts', 'to_blocks', 'split_blocks',
+           'corpus_frame', 'default_tokenizer', 'lm_dls']
 
 _UNDERLINE = re.compile(r'^\s*([*=~^#-])\1{2,}\s*$')  # reST title underlines: '*****', '====='
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
-class CorpusNotFoundError(UsageError, FileNotFoundError):
-    "The corpus path does not exist: a usage error for the command, still a `FileNotFoundError` for callers"
+class CorpusError(ValueError):
+    "The text cannot make the corpus asked for (unreadable, empty, too little): `fastai-tar demo` calls it bad input"
+
+
+class CorpusNotFoundError(CorpusError, FileNotFoundError):
+    "The corpus path does not exist: a `CorpusError`, and a `FileNotFoundError` for callers that catch that"
 
 
 def _is_prose(par: str) -> bool:
@@ -77,25 +84,27 @@ def python_docs() -> list[tuple[str, str]]:
     return [(n, t) for n, t in docs if t]
 
 
+@add_arg_docs
 def read_texts(
-    path,  # a text file, or a folder whose `.txt` files (in subfolders too) are read in sorted order
+    path: str | os.PathLike,  # a text file, or a folder whose `.txt` files (in subfolders too) are read in sorted order
 ) -> list[tuple[str, str]]:
     "`(name, text)` documents from the user's own text, read as UTF-8 and kept as written"
     path = Path(path).expanduser()
     if not path.exists():
         raise CorpusNotFoundError(f"corpus {str(path)!r} does not exist: pass a .txt file or a folder of .txt files")
     files = [path] if path.is_file() else sorted(p for p in path.rglob('*.txt') if p.is_file())
-    if not files: raise UsageError(f"corpus folder {str(path)!r} has no .txt files in it")
+    if not files: raise CorpusError(f"corpus folder {str(path)!r} has no .txt files in it")
     docs = []
     for f in files:
         try: text = f.read_text(encoding='utf-8')
         except UnicodeDecodeError as e:
-            raise UsageError(f"corpus file {str(f)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e: raise UsageError(f"corpus file {str(f)!r} cannot be read: {e.strerror}") from None
+            raise CorpusError(f"corpus file {str(f)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e: raise CorpusError(f"corpus file {str(f)!r} cannot be read: {e.strerror}") from None
         docs.append((f.relative_to(path).as_posix() if f != path else f.name, text))
     return docs
 
 
+@add_arg_docs
 def to_blocks(
     docs: list[tuple[str, str]],  # `(name, text)` documents
     block_chars: int = 2000,  # a block closes at the first paragraph break after this many characters
@@ -113,15 +122,16 @@ def to_blocks(
     return blocks
 
 
+@add_arg_docs
 def split_blocks(
     blocks: list[tuple[str, str]],  # `(name, text)` blocks with distinct names
     valid_pct: float = 0.1,  # share of the blocks that go to the validation set
 ) -> pd.DataFrame:
     "A DataFrame (name, text, is_valid): the `round(valid_pct*n)` blocks (at least 1) of lowest name hash are valid"
-    if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct!r}")
+    if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct!r}")
     n = len(blocks)
     if n < 2:
-        raise UsageError(f"the corpus has {sum(len(t) for _, t in blocks)} characters of text, too little to split "
+        raise CorpusError(f"the corpus has {sum(len(t) for _, t in blocks)} characters of text, too little to split "
                          "into a train and a validation set: give it more text")
     # A hash of the name, not a random draw: the split is the same on every run and every machine, and
     # a block keeps its side when other documents are added or removed.
@@ -131,18 +141,20 @@ def split_blocks(
                          'is_valid': [i in valid for i in range(n)]})
 
 
+@add_arg_docs
 def corpus_frame(
-    path=None,  # None: the Python documentation corpus (`python_docs`); else a .txt file or a folder of them
+    path: str | os.PathLike | None = None,  # None: the Python documentation corpus (`python_docs`); else a .txt
+                                            # file or a folder of them
     valid_pct: float = 0.1,  # share of the blocks in the validation set
     block_chars: int = 2000,  # approximate characters per block
     max_chars: int | None = None,  # keep only the first blocks of each side, about this many characters in all
 ) -> pd.DataFrame:
     "The corpus as a DataFrame of blocks (name, text, is_valid), the same on every call"
     if max_chars is not None and not max_chars >= 1:
-        raise UsageError(f"max_chars must be >= 1 or None, got {max_chars!r}")
+        raise ValueError(f"max_chars must be >= 1 or None, got {max_chars!r}")
     docs = python_docs() if path is None else read_texts(path)
     where = 'the Python documentation corpus' if path is None else f'corpus {str(path)!r}'
-    if not any(t.strip() for _, t in docs): raise UsageError(f"{where} is empty: it holds no text")
+    if not any(t.strip() for _, t in docs): raise CorpusError(f"{where} is empty: it holds no text")
     df = split_blocks(to_blocks(docs, block_chars), valid_pct)
     return df if max_chars is None else _first_chars(df, max_chars, valid_pct)
 
@@ -157,12 +169,13 @@ def _first_chars(df: pd.DataFrame, max_chars: int, valid_pct: float) -> pd.DataF
     return df[keep].reset_index(drop=True)
 
 
-def default_tokenizer():
+def default_tokenizer() -> BaseTokenizer | WordTokenizer:
     "fastai's `WordTokenizer` (spaCy's rules for English, no model download), or `BaseTokenizer` without spaCy"
     try: return WordTokenizer()
     except ImportError: return BaseTokenizer()  # splits on spaces: coarser tokens, same pipeline
 
 
+@add_arg_docs
 def lm_dls(
     df: pd.DataFrame,  # `corpus_frame`'s output
     bs: int = 32,  # sequences per batch
@@ -170,14 +183,14 @@ def lm_dls(
     seed: int | None = 42,  # seeds the loaders' build; each epoch's LM shuffle reads the global RNG (seed before fit)
     min_freq: int = 3,  # tokens rarer than this become `xxunk`
     max_vocab: int = 60000,  # the vocabulary's size limit
-    tok=None,  # a fastai tokenizer; None is `default_tokenizer()`
-    path='.',  # the `DataLoaders`' path (where a learner saves)
+    tok: Any = None,  # a fastai tokenizer; None is `default_tokenizer()`
+    path: str | os.PathLike = '.',  # the `DataLoaders`' path (where a learner saves)
     **kwargs,  # more `DataBlock.dataloaders` arguments
-):
+) -> DataLoaders:
     "fastai language-model `DataLoaders` of the corpus, tokenized here in memory: no worker processes, no files"
     for v, arg in ((bs, 'bs'), (bptt, 'bptt')):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UsageError(f"{arg} must be an integer >= 1, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"{arg} must be an integer >= 1, got {v!r}")
+        if v < 1: raise ValueError(f"{arg} must be an integer >= 1, got {v!r}")
     # n_workers=0: tokenize in this process (fastai's default starts a process per core, for seconds of work).
     block = TextBlock.from_df('text', is_lm=True, seq_len=bptt, min_freq=min_freq, max_vocab=max_vocab,
                               tok=tok if tok is not None else default_tokenizer(), n_workers=0)
@@ -188,6 +201,6 @@ def lm_dls(
     dsets = dblock.datasets(df)
     for name, ds in (('train', dsets.train), ('valid', dsets.valid)):
         if sum(_get_lengths(ds)) < bs + 1:  # the tokenizer's counts, which `LMDataLoader` reads too
-            raise UsageError(f"the {name} set holds fewer than bs+1={bs + 1} tokens: use a smaller bs or more text")
+            raise CorpusError(f"the {name} set holds fewer than bs+1={bs + 1} tokens: use a smaller bs or more text")
     return dsets.dataloaders(path=path, after_item=dblock.item_tfms, after_batch=dblock.batch_tfms,
                              **{**dblock.dls_kwargs, 'bs': bs, 'seq_len': bptt, 'num_workers': 0, **kwargs})

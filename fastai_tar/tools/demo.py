@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from ..callback import TARCallback
 from .cli import UsageError, check_writable
-from .corpus import corpus_frame, lm_dls
+from .corpus import CorpusError, corpus_frame, lm_dls
 
 __all__ = ['PRESETS', 'TABLE_COLUMNS', 'run', 'make_runs', 'EpochTimer', 'EpochLogger', 'train_run', 'results_table',
            'plot_results']
@@ -206,8 +206,11 @@ def run(args) -> int:
     out = Path(args.out).expanduser()
     source = 'the Python documentation corpus' if args.corpus is None else f'corpus {args.corpus!r}'
     print(f"Building {source}...", flush=True)
-    df = corpus_frame(args.corpus, max_chars=s['max_chars'])
-    dls = lm_dls(df, bs=s['bs'], bptt=s['bptt'], seed=args.seed, path=out)
+    try:
+        df = corpus_frame(args.corpus, max_chars=s['max_chars'])
+        dls = lm_dls(df, bs=s['bs'], bptt=s['bptt'], seed=args.seed, path=out)
+    # the text the user named is bad input, for the command as for `--bs`; the library says so in its own terms
+    except CorpusError as e: raise UsageError(str(e)) from None
     made = _first_missing(out)
     # after the corpus checks (a bad corpus leaves nothing behind), before any training
     check_writable(out, f'--out {str(out)!r}', create=True)
