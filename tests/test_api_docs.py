@@ -20,7 +20,9 @@ from fastai_tar.arg_docs import add_arg_docs
 ROOT = Path(__file__).parents[1]
 # where each public name is defined, written out here rather than read from the package
 HOME = {'TARCallback': 'callback', 'ar_penalty': 'functional', 'tar_penalty': 'functional',
-        'ar_sum_count': 'functional', 'tar_sum_count': 'functional', 'mean_of': 'functional'}
+        'ar_sum_count': 'functional', 'tar_sum_count': 'functional', 'ar_tar_sum_count': 'functional',
+        'mean_of': 'functional'}
+ERRORS = {'NothingToRegularize': ('plan', ValueError), 'TupleLossError': ('fastai_interop', TypeError)}
 _ARG = re.compile(r'^\s*(\*{0,2})(\w+)\b[^#]*?(?:#\s?(.*))?$')  # `name: anno = default,  # comment`
 _MORE = re.compile(r'^\s*#\s?(.*)$')  # a comment-only line: the comment above goes on
 
@@ -76,7 +78,10 @@ def _argument_block(text: str) -> list[str]:
 
 
 def test_the_names_are_the_public_api():
-    assert sorted(HOME) == sorted(fastai_tar.__all__)
+    assert sorted([*HOME, *ERRORS]) == sorted(fastai_tar.__all__)
+    for name, (module, base) in ERRORS.items():  # the errors a user can catch, the same class from either path
+        err = getattr(fastai_tar, name)
+        assert err is getattr(__import__(f'fastai_tar.{module}', fromlist=[name]), name) and issubclass(err, base)
 
 
 @pytest.mark.parametrize('name', list(HOME))

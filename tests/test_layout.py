@@ -24,7 +24,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_library_modules_do_not_import_the_tools():
-    assert {'callback', 'functional', 'capture', 'targets', 'contract'} <= set(LIBRARY)
+    assert {'callback', 'functional', 'capture', 'plan', 'fastai_interop', 'arguments'} <= set(LIBRARY)
     for name in ['__init__', *LIBRARY]:
         found = {m for m in _imports(PKG / f'{name}.py') if m.startswith('fastai_tar.tools')}
         assert not found, f'fastai_tar/{name}.py imports {found}'
@@ -52,7 +52,7 @@ def test_earlier_import_paths_are_the_tools_modules():
     from fastai_tar.tools import book, corpus
     assert fastai_tar.corpus is corpus and fastai_tar.book is book and human_numbers_dls is book.human_numbers_dls
     assert fastai_tar.__all__ == ['TARCallback', 'ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count',
-                                  'mean_of']
+                                  'ar_tar_sum_count', 'mean_of', 'NothingToRegularize', 'TupleLossError']
 
 
 def test_data_builders_do_not_depend_on_the_command_line():
