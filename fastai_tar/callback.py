@@ -10,7 +10,6 @@ from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastcore.basics import PrettyString, store_attr
-from torch.nn.utils.rnn import PackedSequence
 
 from .arg_docs import add_arg_docs
 from .arguments import ALPHA, BETA, check_arguments, coef_objects, describe_modules
@@ -225,9 +224,7 @@ class TARCallback(Callback):
             if isinstance(self.learn.pred, (tuple, list)): self.learn.pred = contract.logits  # as RNNCallback does
         else: check_loss_input(self.learn.pred, self.learn.loss_func, why_not)
         if self.training and self._plan is None:
-            packed = {id(self._watched[c.group]) for c in (fwd.calls if fwd else []) if isinstance(c.output, PackedSequence)
-                      or isinstance(c.output, tuple) and c.output and isinstance(c.output[0], PackedSequence)}
-            self._settle(contract, packed)
+            self._settle(contract, {id(self._watched[g]) for g in fwd.packed_groups()} if fwd else set())
         reads = self._reads_now()
         if not reads: return
         parts = {}
@@ -274,7 +271,8 @@ class TARCallback(Callback):
     def _warn_if_no_pairs(self, parts):
         for r, ps in parts.items():
             if r.kind == 'tar' and ps and all(h.shape[sd] == 1 for h, _, sd in ps):
-                warnings.warn(f"TARCallback reads TAR of {r.name} along time axis {r.seq_dim} ({r.axis_why}), which has "
+                warnings.warn(f"TARCallback reads TAR of {r.name} along time axis {r.seq_dim} ({r.axis_why}), which "
+                              "has "
                               "length 1 on the first training batch: TAR has nothing to compare and adds 0. If time is "
                               "another axis, pass seq_dim=", stacklevel=3)
                 return

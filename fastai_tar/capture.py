@@ -51,6 +51,11 @@ class Forward:
 
     def of(self, group: int) -> list: return [c for c in self.calls if c.group == group]
 
+    def packed_groups(self) -> set:
+        "The groups whose module returned a PackedSequence (alone, or first in a tuple): their layout is known"
+        return {c.group for c in self.calls if isinstance(c.output, PackedSequence) or
+                isinstance(c.output, tuple) and c.output and isinstance(c.output[0], PackedSequence)}
+
 
 def _first_tensor(x):
     while isinstance(x, (tuple, list)) and x: x = x[0]  # (output, state), (h, c), a PackedSequence's data
@@ -122,7 +127,8 @@ class ForwardCapture:
             # `remove` would change the dict torch is iterating over: a copy without the hook replaces it instead
             for name in ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called'):
                 hooks = getattr(self.root, name)
-                if post.id in hooks: setattr(self.root, name, OrderedDict((k, v) for k, v in hooks.items() if k != post.id))
+                if post.id in hooks:
+                    setattr(self.root, name, OrderedDict((k, v) for k, v in hooks.items() if k != post.id))
         else:
             for h in self.root_handles: h.remove()
         self.root_handles, self.learn, self.on_stale, self.root = [], None, None, None
@@ -218,7 +224,8 @@ def _join_steps(read, parts: list) -> list:
     if all(n > 1 for n in lengths): return parts
     if any(n > 1 for n in lengths):
         raise ValueError(f"TARCallback cannot tell how the {len(parts)} calls of {read.name} in one forward relate: "
-                         f"{lengths.count(1)} return one step (a decoder stepping) and {len(lengths) - lengths.count(1)}"
+                         f"{lengths.count(1)} return one step (a decoder stepping) and "
+                         f"{len(lengths) - lengths.count(1)}"
                          " whole sequences. Name a module that runs one way only in modules= (wrap each use of "
                          "the shared module in a module of its own), or compute this penalty yourself with "
                          "fastai_tar.tar_penalty")

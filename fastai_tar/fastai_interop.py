@@ -142,7 +142,7 @@ def certain_contract(
     recurrent_outputs: dict,  # id of each tensor a recurrent module returned in this forward -> that module
     contract: bool | None,  # `TARCallback(contract=...)`
 ) -> tuple[Contract | None, str]:
-    "`(the Contract, '')` when `pred` is fastai's `(logits, raw, dropped)` for certain (see the module), else `(None, why not)`"
+    "`(Contract, '')` when `pred` is fastai's `(logits, raw, dropped)` for certain (see the module), else `(None, why)`"
     if contract is False: return None, "TARCallback(contract=False) leaves tuples to the loss"
     why = _why_not_form(pred, strict=not contract)
     if why is not None:
@@ -167,7 +167,7 @@ class TupleLossError(TypeError):
 
 
 def _takes_tensor_only(loss_func) -> bool:
-    "fastai's and torch's own losses take tensors; a subclass with its own `forward`/`__call__`, or any other callable, may take tuples"
+    "fastai's and torch's own losses take tensors; a subclass with a `forward`/`__call__` of its own may take tuples"
     cls = type(loss_func)
     if isinstance(loss_func, nn.modules.loss._Loss): return cls.forward.__module__.startswith('torch.')
     if isinstance(loss_func, BaseLoss): return cls.__call__.__module__.startswith('fastai.')
@@ -196,7 +196,7 @@ def rnn_callback_output(learn, pred):
 
 
 class FastaiRegularizerSwitch:
-    "fastai's `TextLearner` adds `RNNRegularizer(alpha=2, beta=1)`: switch it off during fit so the penalty counts once."
+    "fastai's `TextLearner` adds `RNNRegularizer(alpha=2, beta=1)`: it is off during fit, so the penalty counts once"
     def __init__(self):
         self.silenced = []  # (the RNNRegularizer, its (alpha, beta)) to give back after the fit
         self.warned, self.warned_places = False, False  # each warning once per callback

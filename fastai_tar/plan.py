@@ -145,7 +145,8 @@ def _layout(read: Read, req: Request, module: nn.Module | None, seen: tuple | No
         what = type(module).__name__
         own = ' has a forward of its own' if isinstance(module, nn.RNNBase) else ' is not a module whose layout ' \
             'TARCallback knows (stock nn.RNN/LSTM/GRU and cells, fastai text modules)'
-        raise ValueError(f"TARCallback cannot tell the time axis of {read.name} ({what})'s output for TAR: {what}{own}. "
+        raise ValueError(f"TARCallback cannot tell the time axis of {read.name} ({what})'s output for TAR: "
+                         f"{what}{own}. "
                          "Pass seq_dim= (1: batch x time x features, 0: time x batch x features, 2 with feature_dim=1: "
                          "batch x features x time)")
     read.seq_dim, read.steps, read.axis_why = known
@@ -164,7 +165,8 @@ def _lookup(model: nn.Module, spec, arg: str) -> tuple[str, nn.Module]:
     while key not in named and key.startswith(_PREFIXES): key = key.split('.', 1)[1]
     if key in named: return key, named[key]
     some = ', '.join(repr(n) for n in list(named)[1:9])
-    raise ValueError(f"{arg}: no module named {spec!r} in the model; names come from model.named_modules(), e.g. {some}")
+    raise ValueError(f"{arg}: no module named {spec!r} in the model; names come from model.named_modules(), "
+                     f"e.g. {some}")
 
 
 def _with_coefs(places: list, coef, arg: str, what: str) -> list:
@@ -258,12 +260,6 @@ class Plan:
 
     def holds_for(self, model, request: Request) -> bool:
         return self.model() is model and self.request == request and self.fingerprint == fingerprint(model)
-
-    @property
-    def modules(self) -> list: return list({id(r.module): r.module for r in self.reads if r.module is not None}.values())
-
-    @property
-    def reads_output(self) -> bool: return any(r.module is None for r in self.reads)
 
     def __str__(self): return '\n'.join(map(repr, self.reads))
 
