@@ -150,7 +150,8 @@ def _vocab(): return [f'w{i}' for i in range(VOCAB)]
 
 @pytest.fixture(scope='module')
 def book_dls():
-    "The fastai book's chapter 12 data, tiny: the numbers 1 to 300 in words, 8 streams of 8 tokens (14 batches an epoch)."
+    """The fastai book's chapter 12 data, tiny: the numbers 1 to 300 in words, 8 streams of 8 tokens
+    (14 batches an epoch)."""
     return human_numbers_dls(upto=300, bs=8, sl=8)
 
 

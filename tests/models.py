@@ -135,7 +135,8 @@ def lmmodel7(dls, seed=0): torch.manual_seed(seed); return LMModel7(len(dls.voca
 class PlainLM(Module):
     "LMModel7 without the contract: its forward returns the logits only."
     def __init__(self, vocab_sz): self.i_h, self.rnn, self.drop, self.h_o = (
-        nn.Embedding(vocab_sz, BOOK_NH), nn.LSTM(BOOK_NH, BOOK_NH, batch_first=True), nn.Dropout(0.4), nn.Linear(BOOK_NH, vocab_sz))
+        nn.Embedding(vocab_sz, BOOK_NH), nn.LSTM(BOOK_NH, BOOK_NH, batch_first=True), nn.Dropout(0.4),
+        nn.Linear(BOOK_NH, vocab_sz))
     def forward(self, x): return self.h_o(self.drop(self.rnn(self.i_h(x))[0]))
 
 

@@ -56,7 +56,8 @@ def test_check_axis_takes_any_integer(value, expected):
     assert got == expected and (got is None or type(got) is int)
 
 
-@pytest.mark.parametrize('bad', [True, 1.0, torch.tensor(1.), '1', [1]], ids=['bool', 'float', 'float tensor', 'str', 'list'])
+@pytest.mark.parametrize('bad', [True, 1.0, torch.tensor(1.), '1', [1]],
+                         ids=['bool', 'float', 'float tensor', 'str', 'list'])
 def test_check_axis_refuses_what_is_not_an_integer(bad):
     with pytest.raises(TypeError, match=r'^feature_dim takes an integer axis'): check_axis(bad, 'feature_dim')
 

@@ -94,7 +94,8 @@ def test_bad_arguments_fail_at_construction(kw, exc, msg):
 
 def test_unknown_names_fail_in_before_fit_and_missing_modules_are_named_once():
     spy = LossSpy()
-    learn = Learner(lm_dls(), CheckpointLM(), loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(ar_modules={'lstm2': 2.}), spy])
+    learn = Learner(lm_dls(), CheckpointLM(), loss_func=CrossEntropyLossFlat(),
+                    cbs=[TARCallback(ar_modules={'lstm2': 2.}), spy])
     with pytest.raises(ValueError, match=r"ar_modules: no module named 'lstm2'"): quiet_fit(learn)
     assert spy.rows == []
     model = CheckpointLM()

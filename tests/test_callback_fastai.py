@@ -36,8 +36,10 @@ def test_a_tuple_reaching_a_tensor_loss_is_our_error_not_an_attribute_error(book
     with pytest.raises(TupleLossError, match=r"tuple of 2 .* reach the loss CrossEntropyLossFlat.*it has 2 items, not "
                                              r"three\. Return only the logits"):
         quiet_fit(learn)
-    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=nn.CrossEntropyLoss(), cbs=[ModelResetter(), TARCallback(contract=False)])
-    with pytest.raises(TupleLossError, match=r"CrossEntropyLoss.*TARCallback\(contract=False\) leaves tuples to the loss"):
+    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=nn.CrossEntropyLoss(),
+                    cbs=[ModelResetter(), TARCallback(contract=False)])
+    with pytest.raises(TupleLossError,
+                       match=r"CrossEntropyLoss.*TARCallback\(contract=False\) leaves tuples to the loss"):
         quiet_fit(learn)
     assert hook_ids(learn.model) == set()
 
@@ -49,8 +51,8 @@ def test_a_loss_that_takes_the_tuple_keeps_working(book_dls):
         seen.append(type(pred))
         return CrossEntropyLossFlat()(pred[0], y) + 0.5 * pred[1].pow(2).mean()
     spy = LossSpy()
-    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=tuple_loss, cbs=[ModelResetter(), spy,
-                                                                  TARCallback(modules='rnn', ar_modules='drop', contract=False)])
+    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=tuple_loss,
+                    cbs=[ModelResetter(), spy, TARCallback(modules='rnn', ar_modules='drop', contract=False)])
     quiet_fit(learn)
     assert set(seen) == {tuple} and min(spy.added) > 1e-3  # the loss got the tuple, the hooks the activations
     seen.clear()
@@ -204,7 +206,8 @@ def test_book_lmmodel7_plain_learner_matches_rnn_callback_and_regularizer(book_d
     "The issue's first case (it crashed in the loss): ModelResetter + TARCallback(2, 1) is the book's recipe."
     fastai = train(Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(),
                            cbs=[ModelResetter, RNNCallback, RNNRegularizer(alpha=2, beta=1)]))
-    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter, TARCallback(2, 1)])
+    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(),
+                    cbs=[ModelResetter, TARCallback(2, 1)])
     ours = train(learn)
     assert_same_training(ours, fastai)
     assert ours[2] == [] and hook_ids(learn.model) == set()
@@ -233,7 +236,8 @@ def test_book_lmmodel7_with_fastai_rnn_callback_kept(book_dls):
 
 def test_book_lmmodel7_with_named_modules_matches_fastai(book_dls):
     "The issue's third case (it crashed too): modules named, the tuple is still stripped; hooks read the same tensors."
-    fastai = train(Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(), cbs=rnn_cbs(2., 1.)), n_epoch=2)
+    fastai = train(Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(), cbs=rnn_cbs(2., 1.)),
+                   n_epoch=2)
     ours = train(Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(),
                          cbs=[ModelResetter(), TARCallback(2., 1., modules='rnn', ar_modules='drop')]), n_epoch=2)
     assert_same_training(ours, fastai)
@@ -246,9 +250,10 @@ def awd_lm(dls, seed=0):
 
 
 def test_awd_lstm_lm_plain_learner_matches_fastai(book_dls):
-    fastai = train(Learner(book_dls, awd_lm(book_dls), loss_func=CrossEntropyLossFlat(), cbs=rnn_cbs(2., 1.)), n_epoch=2)
-    ours = train(Learner(book_dls, awd_lm(book_dls), loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter(), TARCallback()]),
-                 n_epoch=2)
+    fastai = train(Learner(book_dls, awd_lm(book_dls), loss_func=CrossEntropyLossFlat(), cbs=rnn_cbs(2., 1.)),
+                   n_epoch=2)
+    ours = train(Learner(book_dls, awd_lm(book_dls), loss_func=CrossEntropyLossFlat(),
+                         cbs=[ModelResetter(), TARCallback()]), n_epoch=2)
     assert_same_training(ours, fastai)
 
 
@@ -294,8 +299,8 @@ def list_lm(dls): torch.manual_seed(0); return ListLM(len(dls.vocab))
 
 
 def test_per_layer_lists_last_layer_by_default_as_fastai(book_dls):
-    fastai = train(Learner(book_dls, list_lm(book_dls), loss_func=CrossEntropyLossFlat(), cbs=[RNNCallback(), RNNRegularizer(2., 1.)]),
-                   n_epoch=2)
+    fastai = train(Learner(book_dls, list_lm(book_dls), loss_func=CrossEntropyLossFlat(),
+                           cbs=[RNNCallback(), RNNRegularizer(2., 1.)]), n_epoch=2)
     ours = train(Learner(book_dls, list_lm(book_dls), loss_func=CrossEntropyLossFlat(), cbs=TARCallback()), n_epoch=2)
     assert_same_training(ours, fastai)
 
@@ -337,14 +342,16 @@ def test_contract_model_without_rnn_module_matches_fastai(book_dls, tar, contrac
     calls are joined into raw for TAR, and AR is named on the dropout."""
     def make(cbs, contract=True):
         torch.manual_seed(0)
-        return Learner(book_dls, ContractCellLM(len(book_dls.vocab), contract=contract), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+        return Learner(book_dls, ContractCellLM(len(book_dls.vocab), contract=contract),
+                       loss_func=CrossEntropyLossFlat(), cbs=cbs)
     assert_same_training(train(make(tar(), contract), n_epoch=2),
                          train(make([RNNCallback(), RNNRegularizer(2., 1.)]), n_epoch=2))
 
 
 def test_without_contract_or_rnn_module_the_search_error_comes_at_the_first_batch(book_dls):
     class MLP(Module):
-        def __init__(self, vocab_sz): self.emb, self.head = nn.Embedding(vocab_sz, BOOK_NH), nn.Linear(BOOK_NH, vocab_sz)
+        def __init__(self, vocab_sz):
+            self.emb, self.head = nn.Embedding(vocab_sz, BOOK_NH), nn.Linear(BOOK_NH, vocab_sz)
         def forward(self, x): return self.head(torch.tanh(self.emb(x)))
     learn = Learner(book_dls, MLP(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
     with pytest.raises(ValueError, match='found nothing to regularize in MLP'): quiet_fit(learn)

@@ -406,8 +406,8 @@ def test_no_activation_outlives_its_batch():
 
 
 def test_export_load_learner_predict_and_fine_tune(tmp_path):
-    learn = Learner(lm_dls(), NoDropoutLSTMLM(), loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=TARCallback(2., 1.),
-                    path=tmp_path)
+    learn = Learner(lm_dls(), NoDropoutLSTMLM(), loss_func=CrossEntropyLossFlat(), opt_func=SGD,
+                    cbs=TARCallback(2., 1.), path=tmp_path)
     quiet_fit(learn)
     learn.export('tar.pkl')
     with pytest.warns(UserWarning, match='pickle'): loaded = load_learner(tmp_path / 'tar.pkl')

@@ -441,7 +441,8 @@ def test_a_seq_dim_the_output_lacks_is_an_error():
 
 # --- places before the first training batch --------------------------------------------------------------------------
 def test_places_before_training_name_both_candidates_and_the_fit_settles_them(book_dls):
-    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter(), TARCallback()])
+    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(),
+                    cbs=[ModelResetter(), TARCallback()])
     found = "time axis 1 (batch_first=True); found: the last RNN module"
     candidates = ("if the model's forward returns fastai's (logits, raw, dropped):\n"
                   "  AR dropped (output[2]): alpha=2.0\n  TAR raw (output[1]): beta=1.0\n"
@@ -451,7 +452,8 @@ def test_places_before_training_name_both_candidates_and_the_fit_settles_them(bo
     plain = Learner(book_dls, PlainLM(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
     assert plain.tar.places == candidates  # before a forward, a model's output is not known
     quiet_fit(plain)
-    assert plain.tar.places == f"AR rnn (LSTM): alpha=2.0; found: the last RNN module\nTAR rnn (LSTM): beta=1.0; {found}"
+    assert plain.tar.places == ("AR rnn (LSTM): alpha=2.0; found: the last RNN module\n"
+                                f"TAR rnn (LSTM): beta=1.0; {found}")
     named = Learner(book_dls, PlainLM(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(),
                     cbs=TARCallback(modules='rnn', ar_modules='drop'))
     assert named.tar.places == ("AR drop (Dropout): alpha=2.0; named by you\n"  # named: nothing to decide

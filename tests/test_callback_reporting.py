@@ -401,13 +401,15 @@ def test_repr_says_what_is_hooked_and_with_which_coefficients():
     found = "found: fastai's AWD_LSTM"
     hooked = ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): "
               f"AR 1.output_dp (RNNDropout): alpha=2.0; {found}; "
-              f"TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0); time axis 1 (fastai's text modules are batch-first); {found}")
+              "TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0); "
+              f"time axis 1 (fastai's text modules are batch-first); {found}")
     assert repr(learn.tar) == hooked
     quiet_fit(learn)  # the LM returns (logits, raw, dropped): the fit read the terms there, not through hooks
     contract = "fastai's (logits, raw, dropped)"
     assert repr(learn.tar) == ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): "
                                f"AR dropped (output[2]): alpha=2.0; {contract}; TAR raw (output[1]): "
-                               f"beta=SchedLin(0.0, 1.0); time axis 1 (fastai's text modules are batch-first); {contract}")
+                               "beta=SchedLin(0.0, 1.0); "
+                               f"time axis 1 (fastai's text modules are batch-first); {contract}")
 
 
 def test_unattached_repr_shows_what_was_passed():
@@ -437,7 +439,7 @@ def test_repr_of_a_set_up_that_cannot_hook_says_why():
     assert '\n' not in repr(learn.tar)
 
 
-# --- two callbacks: both sets of columns and both penalties -----------------------------------------------------------------------------------------------
+# --- two callbacks: both sets of columns and both penalties -----------------------------------------------------------
 def test_two_callbacks_keep_both_columns_and_both_penalties():
     model, spy = CheckpointLM(), LossSpy()
     cap = Capture(model.lstm)

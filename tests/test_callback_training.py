@@ -159,7 +159,8 @@ class NoBF16LSTM(nn.LSTM):
 
 def no_bf16_lm():
     model = NoDropoutLSTMLM()
-    model.lstm = NoBF16LSTM(8, 16, batch_first=True)  # drawn from the RNG NoDropoutLSTMLM seeded: the same model every call
+    # drawn from the RNG NoDropoutLSTMLM seeded: the same model every call
+    model.lstm = NoBF16LSTM(8, 16, batch_first=True)
     return model
 
 

@@ -1,8 +1,8 @@
 """The capture alone (`fastai_tar.capture`): which forward's calls are recorded (the learner's own, not a callback's),
 what hooks left over from an interrupted fit do, copies and pickles of a hooked model, activations freed with
-`forget`, watched modules kept or swapped by `watch`; how `read_tensors` reads the calls of one module (one-step calls joined in call order, whole sequences
-apart, a mix refused, calls without grad skipped, in-place changes refused); and `term_sums` against float64
-references."""
+`forget`, watched modules kept or swapped by `watch`; how `read_tensors` reads the calls of one module (one-step calls
+joined in call order, whole sequences apart, a mix refused, calls without grad skipped, in-place changes refused); and
+`term_sums` against float64 references."""
 import copy
 import gc
 import pickle
@@ -210,7 +210,8 @@ def test_whole_sequence_calls_stay_apart_and_a_mix_is_refused():
     parts = read_tensors(tar_read(lstm), calls_of(lstm, [a, b]), training=True)
     assert [p[0] for p in parts] == [a[0], b[0]] and [p[2] for p in parts] == [1, 1]
     steps = lstm(torch.randn(2, 1, 3))
-    with pytest.raises(ValueError, match=r"cannot tell how the 3 calls of rnn in one forward relate: 1 return one step"):
+    with pytest.raises(ValueError,
+                       match=r"cannot tell how the 3 calls of rnn in one forward relate: 1 return one step"):
         read_tensors(tar_read(lstm), calls_of(lstm, [a, steps, b]), training=True)
     other = lstm(torch.randn(3, 1, 3))
     with pytest.raises(ValueError, match=r"cannot join the one-step calls of rnn.*differ"):

@@ -43,8 +43,8 @@ def test_language_model_defaults_to_merity_places():
     assert ar.seq_dim is None  # AR needs no time axis
     assert (tar.seq_dim, tar.steps, tar.axes_given) == (1, False, False) and 'batch-first' in tar.axis_why
     plan = settle(model, request(), None)
-    assert places(plan.reads) == places([ar, tar]) and plan.holds_for(model, request()) and not plan.reads_output
-    assert plan.modules == [model[1].output_dp, model[0]]
+    assert places(plan.reads) == places([ar, tar]) and plan.holds_for(model, request())
+    assert [r.module for r in plan.reads] == [model[1].output_dp, model[0]]
 
 
 def test_all_layers_hooks_every_layer():
@@ -108,7 +108,8 @@ def test_names_modules_and_coefficients():
     got = reads_of(model, modules='0', ar_modules=['1.output_dp'])
     assert places(got) == [('ar', '1.output_dp', 2.), ('tar', '0', 1.)]
     got = reads_of(model, ar_modules={'1.output_dp': 3.})  # TAR found, AR named with its own coefficient
-    assert places(got) == [('ar', '1.output_dp', 3.), ('tar', '0', 1.)] and [r.source for r in got] == ['named', 'found']
+    assert places(got) == [('ar', '1.output_dp', 3.), ('tar', '0', 1.)]
+    assert [r.source for r in got] == ['named', 'found']
     assert watched_modules(model, request(modules='0', ar_modules='1.output_dp')) == [model[1].output_dp, model[0]]
 
 
@@ -167,7 +168,8 @@ def test_data_parallel_and_ddp_models_are_searched_inside():
         for name in ('0.rnns.1', 'module.0.rnns.1'):
             assert reads_of(ddp, modules=name)[1].module is model[0].rnns[1]
         plan = settle(ddp, request(), None)
-        assert plan.holds_for(ddp, request()) and not plan.holds_for(model, request())  # the plan is kept for the learner's model object
+        # the plan is kept for the learner's model object
+        assert plan.holds_for(ddp, request()) and not plan.holds_for(model, request())
     finally:
         dist.destroy_process_group()
 
@@ -197,7 +199,8 @@ def test_bad_specs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"^ar_modules: no module named 'drop'"):
         reads_of(model, ar_modules='drop')
     with pytest.raises(ValueError, match='not part of'): reads_of(model, modules=nn.LSTM(2, 2))
-    with pytest.raises(ValueError, match=r"beta has 1 coefficients but TARCallback reads 2 module\(s\) named in modules"):
+    with pytest.raises(ValueError,
+                       match=r"beta has 1 coefficients but TARCallback reads 2 module\(s\) named in modules"):
         reads_of(model, beta=[1.], modules=['0.rnns.0', '0.rnns.1'])
     with pytest.raises(ValueError, match=r"alpha has 3 coefficients but TARCallback reads 2 layer"):
         reads_of(model, alpha=[1., 2., 3.], all_layers=True)
@@ -226,7 +229,8 @@ def test_a_contract_is_read_from_the_output_in_the_producers_layout():
 
 def test_a_contract_with_all_layers_reads_each_layer_or_is_refused():
     reads = settle(nn.Linear(2, 2), request(all_layers=True, alpha=[1., 0.]), contract_of(2)).reads
-    assert places(reads) == [('ar', 'dropped.0', 1.), ('ar', 'dropped.1', 0.), ('tar', 'raw.0', 1.), ('tar', 'raw.1', 1.)]
+    assert places(reads) == [('ar', 'dropped.0', 1.), ('ar', 'dropped.1', 0.),
+                             ('tar', 'raw.0', 1.), ('tar', 'raw.1', 1.)]
     assert [r.layer for r in reads] == [0, 1, 0, 1]
     with pytest.raises(ValueError, match=r"all_layers=True reads each layer.*single tensors"):
         settle(nn.Linear(2, 2), request(all_layers=True), contract_of(1))
@@ -242,7 +246,8 @@ class SameForward(nn.GRU):
 
 @pytest.mark.parametrize('module, expected', [
     (nn.LSTM(3, 4), (0, False)), (nn.LSTM(3, 4, batch_first=True), (1, False)), (nn.GRU(3, 4), (0, False)),
-    (nn.GRU(3, 4, batch_first=True), (1, False)), (nn.RNN(3, 4), (0, False)), (nn.RNN(3, 4, batch_first=True), (1, False)),
+    (nn.GRU(3, 4, batch_first=True), (1, False)), (nn.RNN(3, 4), (0, False)),
+    (nn.RNN(3, 4, batch_first=True), (1, False)),
     (SameForward(3, 4, batch_first=True), (1, False)),
     (nn.LSTMCell(3, 4), (1, True)), (nn.GRUCell(3, 4), (1, True)), (nn.RNNCell(3, 4), (1, True)),
     (OwnForward(3, 4), None), (OwnForward(3, 4, batch_first=True), None), (nn.Linear(3, 4), None),
