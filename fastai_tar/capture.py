@@ -182,7 +182,9 @@ def _unpack(module, output) -> tuple[Tensor, Tensor | None, bool]:
     if isinstance(output, (tuple, list)) and not isinstance(output, PackedSequence) and output: output = output[0]
     if isinstance(output, PackedSequence):
         h, lengths = pad_packed_sequence(output, batch_first=True)
-        return h, torch.arange(h.shape[1], device=h.device)[None] < lengths.to(h.device)[:, None], True
+        # the lengths are on the host: an asynchronous copy, so that no batch waits for the device
+        lengths = lengths.to(h.device, non_blocking=True)
+        return h, torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None], True
     if not isinstance(output, Tensor) or not output.is_floating_point() or output.dim() < 1:
         what = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) \
             else type(output).__name__
