@@ -41,7 +41,7 @@ import fastai_tar.callback
 import fastai_tar.capture
 import fastai_tar.functional as F
 from fastai_tar import TARCallback
-from fastai_tar.bench import saved_bytes
+from fastai_tar.tools.bench import saved_bytes
 from conftest import BS, SL, VOCAB, Capture, LossSpy, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty, ref_tar, \
     tiny_lm
 
