@@ -32,6 +32,10 @@ __all__ = ['ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count', 'ar_tar
 # against the memory traffic, but a block's temporaries should stay in the core's cache: against compiled code,
 # 2**17 (0.5 MB of float32) was best or within 5% of the best from 64x70x400 to 16x512x1024 (2**20: 10-30% slower).
 CHUNK_NUMEL = 1 << 17
+# On a GPU one kernel per op over the whole tensor: there, thousands of small launches cost far more than the memory
+# traffic, and the caching allocator makes a fresh temporary free (measured on an H200: blocks of 2**17 made AR+TAR
+# 5-60x slower than fastai's two expressions).
+GPU_CHUNK_NUMEL = 1 << 62
 # Longest row whose float32 vector norm stays within ~1e-7 of the exact sum of squares.
 ROW_MAX = 1 << 16
 
@@ -181,15 +185,15 @@ def _uncanonical(g: Tensor, h: Tensor, sd: int | None, fd: int) -> Tensor:
     return g.view(moved).movedim(-2, ms).movedim(-1, fd)
 
 
-def _blocks(L: int, T: int, F: int):
+def _blocks(L: int, T: int, F: int, device: torch.device):
     """`(l0, nl, t0, k)` blocks of sequences `l0..l0+nl-1`, steps `t0..t0+k-1`: whole sequences where one fits. A block
-    has at most `CHUNK_NUMEL` steps (rows), as many elements unless one step is larger."""
-    F = max(F, 1)
-    if T * F <= CHUNK_NUMEL:
-        n = max(1, CHUNK_NUMEL // max(T * F, 1))
+    has at most `CHUNK_NUMEL` steps (rows), as many elements unless one step is larger; on a GPU, all of it."""
+    F, chunk = max(F, 1), CHUNK_NUMEL if device.type == 'cpu' else GPU_CHUNK_NUMEL
+    if T * F <= chunk:
+        n = max(1, chunk // max(T * F, 1))
         n = -(-L // -(-L // n)) if L else n  # blocks of equal size: one shape of scratch views for all of them
         return [(l, min(n, L - l), 0, T) for l in range(0, L, n)]
-    k = max(1, CHUNK_NUMEL // F)  # a block is at least one step
+    k = max(1, chunk // F)  # a block is at least one step
     return [(l, 1, t, min(k, T - t)) for l in range(L) for t in range(0, T, k)]
 
 
@@ -200,7 +204,11 @@ def _scratch(name: str, shape, dtype, device, init=None) -> Tensor:
     """A contiguous `shape` view of this thread's buffer `name`, made once and only ever grown: its pages are faulted
     once, not at every call. The last view of each is kept, so that a training loop's next call finds it made;
     where `init` is given, it is called on a view when it is made, and what it returns is kept and returned instead.
-    Per thread, so that replicas in threads (`nn.DataParallel`) never share one."""
+    Per thread, so that replicas in threads (`nn.DataParallel`) never share one. On a GPU, whose blocks are whole
+    tensors, a fresh tensor each time: the caching allocator reuses its memory, and none is held between calls."""
+    if torch.device(device).type != 'cpu':
+        view = torch.empty(shape, dtype=dtype, device=device)
+        return view if init is None else init(view)
     views, shapes = _local.__dict__.setdefault('views', {}), _local.__dict__.setdefault('shapes', {})
     key, shape = (name, dtype, device), tuple(shape)
     view = views.get(key)
@@ -247,7 +255,7 @@ def _sums(x: Tensor, ar_void, tar_void, ar: bool, tar: bool) -> tuple:
     acc = _acc_dtype(x)
     tar_on = tar and T > 1
     ar_parts, tar_parts = [], []
-    for l0, nl, t0, k in _blocks(L, T, F):
+    for l0, nl, t0, k in _blocks(L, T, F, x.device):
         n = min(k + 1, T - t0) if tar_on else k  # TAR's last pair of the block reads the next block's first step
         xb = _in_acc(_block(x, l0, nl, t0, n), acc)  # AR and TAR of the same tensor share one conversion
         if ar: ar_parts.append(_row_sum(xb if n == k else xb[:, :k], _block(ar_void, l0, nl, t0, k), 'ar'))
@@ -300,7 +308,7 @@ def _grad(x: Tensor, ar_void, tar_void, g_ar: Tensor | None, g_tar: Tensor | Non
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     wa = None if g_ar is None else 2 * g_ar  # d/dh of g*h**2
     tar_on = g_tar is not None and T > 1
-    for l0, nl, t0, k in _blocks(L, T, F):
+    for l0, nl, t0, k in _blocks(L, T, F, x.device):
         gb = _block(grad, l0, nl, t0, k)
         out = gb if x.dtype == acc else _scratch('g', gb.shape, acc, x.device)
         if tar_on:
