@@ -328,9 +328,10 @@ def _grad(x: Tensor, ar_void, tar_void, g_ar: Tensor | None, g_tar: Tensor | Non
 
 def _ar_grad(h: Tensor, mask, fd: int, g: Tensor) -> Tensor:
     "AR's gradient alone"
-    # Unmasked, it is one product over the whole tensor, in `h`'s layout (a 0-dim float32 scale keeps a half `h`
-    # half, rounding once); float8 has no multiplication kernel and takes the blocks.
-    if mask is None and h.dtype in _ARITH: return h * (2 * g)
+    # Unmasked float32/float64, it is one product over the whole tensor, in `h`'s layout. Half and float8 take the
+    # blocks, which multiply in float32 and round once: on a GPU a half product would round the scale to half first
+    # (a mean's 1/count then falls among half's subnormals), and float8 has no multiplication kernel.
+    if mask is None and h.dtype == _acc_dtype(h): return h * (2 * g)
     return _uncanonical(_grad(_canonical(h, None, fd), _void(mask, None, fd), None, g, None), h, None, fd)
 
 
