@@ -15,7 +15,7 @@ from .arg_docs import add_arg_docs
 from .arguments import ALPHA, BETA, check_arguments, coef_objects, describe_modules
 from .capture import ForwardCapture, read_item, read_tensors, term_sums
 from .fastai_interop import (RECURRENT, FastaiRegularizerSwitch, certain_contract, check_loss_input, describe,
-                             rnn_callback_output)
+                             has_contract_form, rnn_callback_output)
 from .functional import mean_of
 from .history import plot_history
 from .plan import KINDS, Request, describe_candidates, module_reads, settle, unwrap_model, watched_modules
@@ -105,9 +105,10 @@ class TARCallback(Callback):
 
     @property
     def request(self) -> Request:
-        "The arguments, as the plan reads them"
-        return Request(self.alpha, self.beta, self.modules, self.ar_modules, self.all_layers, self.seq_dim,
-                       self.feature_dim, self.contract)
+        "The arguments, as the plan reads them: copies, so that a list or dict changed in place settles it again"
+        own = lambda x: type(x)(x) if isinstance(x, (list, dict)) else x
+        return Request(own(self.alpha), own(self.beta), own(self.modules), own(self.ar_modules), self.all_layers,
+                       self.seq_dim, self.feature_dim, self.contract)
 
     @property
     def learn(self): return self.__dict__.get('_learn')
@@ -133,6 +134,10 @@ class TARCallback(Callback):
             self._opened_here = not self._capture.is_open  # (inside a fit, its hooks are open already)
             if self._opened_here: self._capture.open(self.learn, self._recover)
             return
+        # arguments assigned since construction (`learn.tar.beta = 5.`) are checked as the constructor checks them
+        self.seq_dim, self.feature_dim = check_arguments(
+            self.alpha, self.beta, self.modules, self.ar_modules, self.all_layers, self.seq_dim, self.feature_dim,
+            self.valid_metrics, self.show_columns, self.contract)
         self._capture.open(self.learn, self._recover)
         self._fitting, self._said = True, set()
         self._report.new_fit()
@@ -170,6 +175,11 @@ class TARCallback(Callback):
             warnings.warn(f"TARCallback: the model's modules (or the callback's arguments) changed since its plan was "
                           f"settled, so it was settled again; it now reads:\n{self._plan}", stacklevel=2)
         self._pending = None
+        many = next((r for r in self._plan.reads if r.others), None)
+        if many is not None:
+            warnings.warn(f"TARCallback found {len(many.others) + 1} recurrent modules and reads the last one, "
+                          f"{many.name!r} ({', '.join(many.others)} too): name the one to read in modules= (or pass "
+                          "all_layers=True to read each)", stacklevel=2)
         self._use_plan()
         self._fastai_regularizer.warn_if_places_differ(self._plan.reads, '; '.join(map(repr, self._plan.reads)))
 
@@ -220,8 +230,9 @@ class TARCallback(Callback):
         self._capture.forget()
         output = fwd.output if fwd is not None else rnn_callback_output(self.learn, self.learn.pred)
         contract, why_not = self._contract(output, fwd)
-        if contract is not None:
-            if isinstance(self.learn.pred, (tuple, list)): self.learn.pred = contract.logits  # as RNNCallback does
+        if contract is not None:  # the loss gets the logits, as with RNNCallback; as they stand now: a callback
+            # ordered before ours may have changed them (a temperature)
+            if isinstance(self.learn.pred, (tuple, list)): self.learn.pred = self.learn.pred[0]
         else: check_loss_input(self.learn.pred, self.learn.loss_func, why_not)
         if self.training and self._plan is None:
             self._settle(contract, {id(self._watched[g]) for g in fwd.packed_groups()} if fwd else set())
@@ -235,6 +246,12 @@ class TARCallback(Callback):
                 continue
             calls = [] if fwd is None else fwd.of(self._groups[id(r.module)])
             if not calls and self.training: raise RuntimeError(_not_called_message(r, self.learn.model))
+            if not calls:
+                if 'valid calls' not in self._said:
+                    self._said.add('valid calls')
+                    warnings.warn(f"TARCallback(valid_metrics=True): {r.name} ({type(r.module).__name__}) did not run "
+                                  "in validation, so its validation penalty is not computed", stacklevel=3)
+                continue
             parts[r] = read_tensors(r, calls, self.training)
         if self.training and 'first batch' not in self._said:
             self._said.add('first batch')
@@ -246,8 +263,20 @@ class TARCallback(Callback):
         if not isinstance(output, (tuple, list)): return None, ''
         produced = {} if fwd is None else {id(t): (c.module, c.version) for c in fwd.calls
                                            if isinstance(c.module, RECURRENT) for t in [_first(c.output)]}
+        # in training each forward shows where its items came from; outside it, the first training forward's decision
+        known = None if self.training or self._holding_plan() is None else self._plan.contract
         contract, why = certain_contract(output, unwrap_model(self.learn.model),
-                                         {k: m for k, (m, _) in produced.items()}, self.contract)
+                                         {k: m for k, (m, _) in produced.items()}, self.contract, known)
+        if self.training and contract is None and has_contract_form(output):
+            if self._holding_plan() is not None and self._plan.contract:
+                raise TypeError(f"TARCallback: the first training batch's output was fastai's (logits, raw, dropped) "
+                                f"for certain, but this one's is not ({why}): return the same kind of output every "
+                                "batch, or pass contract=True")
+            if 'form' not in self._said:
+                self._said.add('form')
+                warnings.warn(f"TARCallback: the model's output has the form of fastai's (logits, raw, dropped), but "
+                              f"{why}, so it goes to the loss as it is and AR/TAR read the modules found or named: see "
+                              "learn.tar.places. Pass contract=True if it is fastai's contract", stacklevel=3)
         if contract is not None:  # each raw as it left its RNN: an in-place op since then would change TAR
             for raw, p in zip(contract.raw, contract.producers):
                 if p is not None and produced[id(raw)][1] not in (None, raw._version):

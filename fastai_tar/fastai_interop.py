@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 __all__ = ['Contract', 'TupleLossError', 'FastaiRegularizerSwitch', 'certain_contract', 'check_loss_input',
            'fastai_places', 'fastai_layout', 'fastai_output', 'is_fastai_classifier', 'is_fastai_text_model',
-           'rnn_callback_output', 'describe', 'RECURRENT']
+           'rnn_callback_output', 'describe', 'has_contract_form', 'RECURRENT']
 
 # Modules whose outputs can be fastai's `raw`: watched in a forward to tell a real contract from any 3-tuple.
 RECURRENT = (nn.RNNBase, nn.RNNCellBase, AWD_LSTM)
@@ -125,15 +125,21 @@ def _why_not_form(pred, strict: bool) -> str | None:
     return None
 
 
-def _made_from(dropped: Tensor, raw: Tensor, depth: int = 3) -> bool:
-    "`dropped` is `raw`, or autograd made it from `raw` within `depth` ops (a dropout, a mask product)"
+# The autograd nodes of a dropout: `nn.Dropout`'s, and fastai's `RNNDropout`, a product with a mask
+_DROPOUT_NODES = ('NativeDropoutBackward0', 'FusedDropoutBackward0', 'MulBackward0')
+
+
+def has_contract_form(pred) -> bool:
+    "Whether `pred` has the form of fastai's `(logits, raw, dropped)`, whatever made it"
+    return _why_not_form(pred, strict=True) is None
+
+
+def _made_from(dropped: Tensor, raw: Tensor) -> bool:
+    "`dropped` is `raw` (a dropout in eval, or none), or a dropout of it: one op, a dropout's or a mask product"
     if dropped is raw: return True
-    target, nodes = raw.grad_fn, [dropped.grad_fn]
-    if target is None: return False
-    for _ in range(depth):
-        if target in nodes: return True
-        nodes = [f for n in nodes if n is not None for f, _ in n.next_functions]
-    return target in nodes
+    node = dropped.grad_fn
+    return raw.grad_fn is not None and type(node).__name__ in _DROPOUT_NODES and \
+        any(f is raw.grad_fn for f, _ in node.next_functions)
 
 
 def certain_contract(
@@ -141,6 +147,7 @@ def certain_contract(
     model: nn.Module,  # the learner's model
     recurrent_outputs: dict,  # id of each tensor a recurrent module returned in this forward -> that module
     contract: bool | None,  # `TARCallback(contract=...)`
+    known: bool | None = None,  # what the first training forward showed: a contract for certain, or not
 ) -> tuple[Contract | None, str]:
     "`(Contract, '')` when `pred` is fastai's `(logits, raw, dropped)` for certain (see the module), else `(None, why)`"
     if contract is False: return None, "TARCallback(contract=False) leaves tuples to the loss"
@@ -153,12 +160,15 @@ def certain_contract(
     logits, raw, dropped = pred
     raws, drops = _layers(raw), _layers(dropped)
     producers = [recurrent_outputs.get(id(r)) for r in raws]
-    if not contract and not is_fastai_text_model(model):
+    if known is False and not contract:  # outside training the graph that showed where `dropped` came from is gone
+        return None, "it is not read as fastai's (logits, raw, dropped): the first training batch's output was not it"
+    if not contract and not known and not is_fastai_text_model(model):
         if None in producers:
             return None, ("it is not read as fastai's (logits, raw, dropped): its raw item is not the output of a "
                           "recurrent module (nn.LSTM, nn.GRU, nn.RNN, fastai's AWD_LSTM) in this forward")
         if not all(_made_from(d, r) for d, r in zip(drops, raws)):
-            return None, "it is not read as fastai's (logits, raw, dropped): its dropped item is not made from raw"
+            return None, ("it is not read as fastai's (logits, raw, dropped): its dropped item is not raw or a dropout "
+                          "of it")
     return Contract(logits, raws, drops, per_layer=not isinstance(raw, Tensor), producers=producers), ''
 
 

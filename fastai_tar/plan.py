@@ -83,6 +83,7 @@ class Read:
     axes_given: bool = False  # the time axis is the user's `seq_dim`
     steps: bool = False  # each call returns one step without a time axis (a cell): the axis is inserted
     layer: int | None = None  # for output items: the layer of fastai's per-layer lists
+    others: tuple = ()  # the other modules the structure offered: the plan took the last one
 
     @property
     def coef_arg(self) -> str: return KINDS[self.kind].coef_arg
@@ -136,10 +137,12 @@ def _layout(read: Read, req: Request, module: nn.Module | None, seen: tuple | No
     "Set `read`'s axes: the user's first, then what the forward showed (`seen`), the module's own, `default`."
     read.feature_dim = -1 if req.feature_dim is None else req.feature_dim
     if not KINDS[read.kind].needs_time: return read
+    known = seen or (module_layout(module) if module is not None else None) or default
     if req.seq_dim is not None:
         read.seq_dim, read.axis_why, read.axes_given = req.seq_dim, f"seq_dim={req.seq_dim}, yours", True
+        # a cell's calls have no time axis whatever the user says: each is a step, joined along `seq_dim`
+        if known is not None and known[1]: read.steps, read.axis_why = True, f"{read.axis_why}; a cell's steps"
         return read
-    known = seen or (module_layout(module) if module is not None else None) or default
     if known is None and not may_be_on(read.coef): return None  # TAR off: nothing to ask for
     if known is None:
         what = type(module).__name__
@@ -194,18 +197,25 @@ def _named_reads(model, req: Request, kind: str, seen_layout) -> list[Read]:
     return [r for r in reads if r is not None]
 
 
-def _found_places(model, all_layers: bool) -> dict:
-    "`{kind: [(name, module)]}` and why, from the model's structure"
+def _found_places(model, all_layers: bool) -> tuple[dict, str, tuple]:
+    "`{kind: [(name, module)]}`, why, and the names of the other modules it could have read, from the structure"
     fastai = fastai_places(model, all_layers)
     if fastai is not None:
         tar, ar, why = fastai
-        return {'tar': tar, 'ar': ar}, why
+        return {'tar': tar, 'ar': ar}, why, ()
     rnns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)] or \
         [(n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNCellBase)]
     if rnns:
         kind = 'RNN' if isinstance(rnns[0][1], nn.RNNBase) else 'RNN cell'
+        deep = [n or type(m).__name__ for n, m in rnns if getattr(m, 'num_layers', 1) > 1]
+        if all_layers and deep:
+            raise ValueError(f"all_layers=True reads every layer, but {', '.join(deep)} is an {kind} module of several "
+                             "layers, which returns the last layer's output only: build one module per layer and "
+                             "pass all_layers=True (or name them in modules=), or use all_layers=False")
         places = rnns if all_layers else rnns[-1:]
-        return {'tar': places, 'ar': places}, f"found: {'every' if all_layers else 'the last'} {kind} module"
+        # the last of several is a choice the callback cannot be sure of: the plan names the others
+        others = () if all_layers else tuple(n for n, _ in rnns[:-1])
+        return {'tar': places, 'ar': places}, f"found: {'every' if all_layers else 'the last'} {kind} module", others
     raise NothingToRegularize(
         f"TARCallback found nothing to regularize in {type(model).__name__}: it looked for modules you named "
         "(modules=, ar_modules=), fastai's (logits, raw, dropped) output, fastai's text modules (AWD_LSTM, "
@@ -227,10 +237,11 @@ def module_reads(
     reads = [r for k in kinds if req.spec(k) is not None for r in _named_reads(model, req, k, seen_layout)]
     unnamed = [k for k in kinds if req.spec(k) is None]
     if unnamed:
-        places, why = _found_places(model, req.all_layers)
+        places, why, others = _found_places(model, req.all_layers)
         for k in unnamed:
             for (name, module), c in _with_coefs(places[k], req.coef(k), KINDS[k].coef_arg, "layer(s)"):
-                reads.append(_layout(Read(k, name, module, c, 'found', why), req, module, seen_layout(module)))
+                read = Read(k, name, module, c, 'found', why, others=others)
+                reads.append(_layout(read, req, module, seen_layout(module)))
     return sorted([r for r in reads if r is not None], key=lambda r: list(KINDS).index(r.kind))
 
 
@@ -245,7 +256,9 @@ def _contract_reads(contract: Contract, req: Request, kinds: list) -> list[Read]
             producer = contract.producers[i]
             read = Read(k, f'{base}.{i}' if req.all_layers else base, None, c, 'contract',
                         "fastai's (logits, raw, dropped)", layer=i)
-            reads.append(_layout(read, req, producer, default=(1, False, "fastai's contract is batch-first")))
+            # the layout of the RNN that returned raw; fastai's (batch-first) where no recurrent module did
+            default = (1, False, "fastai's contract is batch-first") if producer is None else None
+            reads.append(_layout(read, req, producer, default=default))
     return reads
 
 
@@ -253,6 +266,7 @@ def _contract_reads(contract: Contract, req: Request, kinds: list) -> list[Read]
 class Plan:
     "The settled reads for one model, with what the model was when they were settled."
     reads: list
+    contract: bool  # the first training forward returned fastai's (logits, raw, dropped) for certain
     request: Request  # the arguments it was settled for: changing one settles it again
     fingerprint: tuple
     model: Any = field(repr=False)  # a weak reference to the learner's model
@@ -284,7 +298,7 @@ def settle(
     reads = module_reads(model, req, [k for k in KINDS if k not in from_output], packed)
     if from_output: reads = sorted(reads + _contract_reads(contract, req, from_output),
                                    key=lambda r: list(KINDS).index(r.kind))
-    return Plan(reads, req, fingerprint(model), weakref.ref(model))
+    return Plan(reads, contract is not None, req, fingerprint(model), weakref.ref(model))
 
 
 def watched_modules(model: nn.Module, req: Request) -> list:

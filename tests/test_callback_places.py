@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from fastai.text.all import (AWD_LSTM, CrossEntropyLossFlat, DataLoaders, Learner, ModelResetter, SGD, TextLearner,
-                             language_model_learner)
+from fastai.text.all import (AWD_LSTM, CrossEntropyLossFlat, DataLoaders, Learner, Module, ModelResetter, SGD,
+                             TextLearner, language_model_learner)
 
 from fastai_tar import TARCallback
 
@@ -459,3 +459,131 @@ def test_places_before_training_name_both_candidates_and_the_fit_settles_them(bo
     assert named.tar.places == ("AR drop (Dropout): alpha=2.0; named by you\n"  # named: nothing to decide
                                 "TAR rnn (LSTM): beta=1.0; time axis 1 (batch_first=True); named by you")
     assert TARCallback().places == "found when attached to a learner"
+
+
+# --- what a hostile review found: each read is what the rule says, or the callback says why not --------------------
+def _series_dls(n=8, sl=6, n_in=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = [(torch.randn(sl, n_in, generator=g), torch.randn(1, generator=g)) for _ in range(n)]
+    return DataLoaders.from_dsets(items, items[:4], bs=4, shuffle=False, device='cpu', num_workers=0)
+
+
+def _mse(p, y): return ((p.squeeze(-1) - y.squeeze(-1)) ** 2).mean()
+
+
+class _NormTuple(Module):
+    "(prediction, rnn output, its LayerNorm): a tuple of the contract's form whose third item is no dropout of raw"
+    def __init__(self):
+        self.rnn, self.norm, self.head = nn.GRU(3, 5, batch_first=True), nn.LayerNorm(5), nn.Linear(5, 1)
+
+    def forward(self, x):
+        e = self.rnn(x)[0]
+        return self.head(e[:, -1]), e, self.norm(e)
+
+
+def test_a_layer_norm_is_no_dropout_the_tuple_reaches_the_loss_in_training_and_validation():
+    seen = []
+    def aux_loss(p, y):
+        seen.append(type(p))
+        pred, e, n = p
+        return _mse(pred, y) + 0.5 * (e - n).pow(2).mean()
+    torch.manual_seed(0)
+    learn = Learner(_series_dls(), _NormTuple(), loss_func=aux_loss, cbs=TARCallback(alpha=0., beta=0.))
+    with pytest.warns(UserWarning, match=r"has the form of fastai's \(logits, raw, dropped\), but"):
+        quiet_fit(learn)
+    assert set(seen) == {tuple}  # training and validation alike: the auxiliary term is never stripped
+
+
+class _SeqFirstOwn(nn.LSTM):
+    "An nn.LSTM subclass with a forward of its own (sequence-first in and out)"
+    def forward(self, x, hx=None): return super().forward(x, hx)
+
+
+class _SubclassContract(Module):
+    def __init__(self): self.rnn, self.drop, self.head = _SeqFirstOwn(3, 5), nn.Dropout(0.3), nn.Linear(5, 1)
+    def forward(self, x):
+        raw = self.rnn(x.transpose(0, 1))[0]  # time x batch x features
+        dropped = self.drop(raw)
+        return self.head(dropped[-1]), raw, dropped
+
+
+def test_a_contract_from_an_rnn_of_unknown_layout_asks_for_seq_dim():
+    torch.manual_seed(0)
+    learn = Learner(_series_dls(), _SubclassContract(), loss_func=_mse, cbs=TARCallback())
+    with pytest.raises(ValueError, match=r"time axis of raw \(_SeqFirstOwn\).*Pass seq_dim="): quiet_fit(learn)
+    spy, model = LossSpy(stop=1), _SubclassContract()
+    cap = Capture(model.rnn)
+    quiet_fit(Learner(_series_dls(), model, loss_func=_mse, cbs=[TARCallback(alpha=0., seq_dim=0), spy]))
+    assert spy.added[0] == penalty(ref_tar(cap.outputs[0], seq_dim=0))  # along time, not across the batch
+
+
+class _EncoderCell(Module):
+    "A sequence-first encoder LSTM and a decoder cell stepping 4 times"
+    def __init__(self): self.enc, self.cell, self.head = nn.LSTM(3, 5), nn.LSTMCell(5, 5), nn.Linear(5, 1)
+    def forward(self, x):
+        out, (h, c) = self.enc(x.transpose(0, 1))
+        state = (h[0], c[0])
+        for _ in range(4): state = self.cell(out[-1], state)
+        return self.head(state[0])
+
+
+@pytest.mark.parametrize('seq_dim', [0, 1])
+def test_a_cells_steps_are_joined_along_the_users_seq_dim(seq_dim):
+    torch.manual_seed(0)
+    model, spy = _EncoderCell(), LossSpy(stop=1)
+    cap = Capture(model.cell)
+    learn = Learner(_series_dls(), model, loss_func=_mse,
+                    cbs=[TARCallback(alpha=0., modules='cell', seq_dim=seq_dim), spy])
+    quiet_fit(learn)
+    steps = torch.stack(cap.outputs[:4], seq_dim)  # the first batch's four steps
+    assert spy.added[0] == penalty(ref_tar(steps, seq_dim=seq_dim))
+    assert "a cell's steps" in learn.tar.places
+
+
+def test_arguments_changed_after_construction_are_read_and_checked():
+    torch.manual_seed(0)
+    model = _EncoderCell()
+    tar, spy = TARCallback(alpha=0., beta=[1.], modules=['cell']), LossSpy()
+    learn = Learner(_series_dls(), model, loss_func=_mse, cbs=[tar, spy])
+    cap = Capture(model.cell)
+    quiet_fit(learn)
+    tar.beta[0] = 7.  # changed in place: the plan is settled again with it
+    spy.rows.clear()
+    n = len(cap.outputs)
+    with pytest.warns(UserWarning, match='settled again'): quiet_fit(learn)
+    steps = torch.stack(cap.outputs[n:n + 4], 1)  # the second fit's first batch
+    assert spy.added[0] == penalty(7 * ref_tar(steps))
+    tar.beta, tar.modules = 5., {'cell': 1.}  # a contradiction assigned: refused at the next fit, naming both
+    with pytest.raises(ValueError, match=r'beta=5.0 and modules=.*both give the coefficients'): quiet_fit(learn)
+
+
+class _TwoRNNs(Module):
+    "A decoder GRU declared before the encoder LSTM: the last declared is the encoder"
+    def __init__(self):
+        self.dec, self.enc, self.head = nn.GRU(5, 5, batch_first=True), nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 1)
+    def forward(self, x): return self.head(self.dec(self.enc(x)[0])[0][:, -1])
+
+
+def test_the_last_of_several_rnn_modules_is_read_and_the_others_named():
+    learn = Learner(_series_dls(), _TwoRNNs(), loss_func=_mse, cbs=TARCallback())
+    with pytest.warns(UserWarning, match=r"found 2 recurrent modules and reads the last one, 'enc' \(dec too\)"):
+        quiet_fit(learn)
+
+
+def test_all_layers_on_one_multi_layer_lstm_is_refused():
+    class Deep(Module):
+        def __init__(self): self.rnn, self.head = nn.LSTM(3, 5, num_layers=2, batch_first=True), nn.Linear(5, 1)
+        def forward(self, x): return self.head(self.rnn(x)[0][:, -1])
+    learn = Learner(_series_dls(), Deep(), loss_func=_mse, cbs=TARCallback(all_layers=True))
+    with pytest.raises(ValueError, match=r"all_layers=True reads every layer, but rnn is an RNN module of several"):
+        quiet_fit(learn)
+
+
+def test_valid_metrics_of_a_module_validation_never_calls_are_said_to_be_missing():
+    class TrainOnly(Module):
+        def __init__(self): self.rnn, self.head = nn.GRU(3, 5, batch_first=True), nn.Linear(3, 1)
+        def forward(self, x):
+            if self.training: x = x + 0 * self.rnn(x)[0].sum()
+            return self.head(x[:, -1])
+    learn = Learner(_series_dls(), TrainOnly(), loss_func=_mse, cbs=TARCallback(modules='rnn', valid_metrics=True))
+    with pytest.warns(UserWarning, match=r'rnn \(GRU\) did not run in validation'): quiet_fit(learn)
