@@ -9,7 +9,8 @@ certain (`certain_contract`):
   dims, or lists of them of one length, `raw[i]` shaped like `dropped[i]`, with the logits' batch size and, where the
   logits have a time dim, their length; and
 - the model is a fastai text model, or `raw` (each layer of it) is the output of a recurrent module in that same
-  forward, and `dropped` is `raw` or made from it.
+  forward, and `dropped` is `raw` or one dropout of it (a dropout's autograd node, or fastai's mask product).
+Outside training, where no graph shows where `dropped` came from, the first training batch's decision holds.
 `TARCallback(contract=True)` reads any 3-tuple of a tensor and two float tensors (or lists of them) of at least 2 dims;
 `contract=False` none. Every other tuple reaches the loss as the model returned it.
 """
