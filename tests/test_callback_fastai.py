@@ -367,3 +367,24 @@ def test_places_that_differ_from_the_switched_off_regularizer_warn_once_naming_b
     moved = [str(x.message) for x in w if 'would have used' in str(x.message)]
     assert len(moved) == 1
     assert 'AR rnn (LSTM)' in moved[0] and 'TAR rnn (LSTM)' in moved[0] and 'output[2]' in moved[0]
+
+
+def test_the_loss_gets_the_logits_as_a_callback_before_ours_left_them(book_dls):
+    "A temperature applied to the contract's logits by an earlier callback reaches the loss: ours hands on pred[0]"
+    class Temperature(Callback):
+        order = 0
+        def after_pred(self):
+            if self.training: self.learn.pred = (self.pred[0] * 10., *self.pred[1:])
+    seen = []
+    def loss(pred, y):
+        seen.append(pred.detach().clone())
+        return CrossEntropyLossFlat()(pred, y)
+    outs = []
+    class Output(Callback):
+        order = -10
+        def after_pred(self):
+            if self.training: outs.append(self.pred[0].detach().clone())
+    learn = Learner(book_dls, lmmodel7(book_dls), loss_func=loss,
+                    cbs=[ModelResetter(), Output(), Temperature(), TARCallback(alpha=0., beta=0.), LossSpy(stop=1)])
+    quiet_fit(learn)
+    torch.testing.assert_close(seen[0], outs[0] * 10.)
