@@ -242,7 +242,7 @@ class TARCallback(Callback):
         for r in reads:
             if r.module is None:
                 if contract is None: self._no_contract(r, output); continue
-                parts[r] = read_item(r, (contract.raw if r.kind == 'tar' else contract.dropped)[r.layer])
+                parts[r] = read_item(r, getattr(contract, KINDS[r.kind].item_name)[r.layer])
                 continue
             calls = [] if fwd is None else fwd.of(self._groups[id(r.module)])
             if not calls and self.training: raise RuntimeError(_not_called_message(r, self.learn.model))
@@ -261,14 +261,14 @@ class TARCallback(Callback):
     def _contract(self, output, fwd):
         "fastai's (logits, raw, dropped) when the output is it for certain, and why not otherwise"
         if not isinstance(output, (tuple, list)): return None, ''
-        produced = {} if fwd is None else {id(t): (c.module, c.version) for c in fwd.calls
-                                           if isinstance(c.module, RECURRENT) for t in [_first(c.output)]}
+        produced = {} if fwd is None else fwd.outputs_of(RECURRENT)
         # in training each forward shows where its items came from; outside it, the first training forward's decision
-        known = None if self.training or self._holding_plan() is None else self._plan.contract
+        # (before_batch dropped a plan that no longer holds)
+        known = None if self.training or self._plan is None else self._plan.contract
         contract, why = certain_contract(output, unwrap_model(self.learn.model),
                                          {k: m for k, (m, _) in produced.items()}, self.contract, known)
         if self.training and contract is None and has_contract_form(output):
-            if self._holding_plan() is not None and self._plan.contract:
+            if self._plan is not None and self._plan.contract:
                 raise TypeError(f"TARCallback: the first training batch's output was fastai's (logits, raw, dropped) "
                                 f"for certain, but this one's is not ({why}): return the same kind of output every "
                                 "batch, or pass contract=True")
@@ -299,11 +299,10 @@ class TARCallback(Callback):
 
     def _warn_if_no_pairs(self, parts):
         for r, ps in parts.items():
-            if r.kind == 'tar' and ps and all(h.shape[sd] == 1 for h, _, sd in ps):
+            if KINDS[r.kind].needs_time and ps and all(h.shape[sd] == 1 for h, _, sd in ps):
                 warnings.warn(f"TARCallback reads TAR of {r.name} along time axis {r.seq_dim} ({r.axis_why}), which "
-                              "has "
-                              "length 1 on the first training batch: TAR has nothing to compare and adds 0. If time is "
-                              "another axis, pass seq_dim=", stacklevel=3)
+                              "has length 1 on the first training batch: TAR has nothing to compare and adds 0. If "
+                              "time is another axis, pass seq_dim=", stacklevel=3)
                 return
 
     @_cleans_up_on_error
@@ -365,11 +364,6 @@ class TARCallback(Callback):
         try: reads = self.reads or module_reads(self.learn.model, self.request, list(KINDS))
         except (ValueError, TypeError) as e: return f"{head}: cannot hook: {e}"
         return f"{head}: {'; '.join(map(repr, reads))}"
-
-
-def _first(x):
-    while isinstance(x, (tuple, list)) and x: x = x[0]
-    return x
 
 
 def _fit_running(learn) -> bool:

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .fastai_interop import fastai_output
-from .functional import ar_sum_count, ar_tar_sum_count, tar_sum_count
-from .plan import KINDS
+from .functional import ar_tar_sum_count
+from .plan import KINDS, by_kind
 
 __all__ = ['Call', 'Forward', 'ForwardCapture', 'read_item', 'read_tensors', 'term_sums']
 
@@ -50,6 +50,10 @@ class Forward:
     calls: list
 
     def of(self, group: int) -> list: return [c for c in self.calls if c.group == group]
+
+    def outputs_of(self, types) -> dict:
+        "id of the first tensor each call of a module of `types` returned -> (that module, its version then)"
+        return {id(_first_tensor(c.output)): (c.module, c.version) for c in self.calls if isinstance(c.module, types)}
 
     def packed_groups(self) -> set:
         "The groups whose module returned a PackedSequence (alone, or first in a tuple): their layout is known"
@@ -227,10 +231,9 @@ def _join_steps(read, parts: list) -> list:
     if any(n > 1 for n in lengths):
         raise ValueError(f"TARCallback cannot tell how the {len(parts)} calls of {read.name} in one forward relate: "
                          f"{lengths.count(1)} return one step (a decoder stepping) and "
-                         f"{len(lengths) - lengths.count(1)}"
-                         " whole sequences. Name a module that runs one way only in modules= (wrap each use of "
-                         "the shared module in a module of its own), or compute this penalty yourself with "
-                         "fastai_tar.tar_penalty")
+                         f"{len(lengths) - lengths.count(1)} whole sequences. Name a module that runs one way only "
+                         "in modules= (wrap each use of the shared module in a module of its own), or compute this "
+                         "penalty yourself with fastai_tar.tar_penalty")
     h0, m0, sd = parts[0]
     if any(h.shape != h0.shape or (m is None) != (m0 is None) or s != sd for h, m, s in parts):
         raise ValueError(f"TARCallback cannot join the one-step calls of {read.name} into a sequence: their shapes "
@@ -275,9 +278,6 @@ def read_item(
     return [(h, None, None if read.seq_dim is None else _axis(read, None, h, False))]
 
 
-_SUM_COUNT = {'ar': ar_sum_count, 'tar': tar_sum_count}
-
-
 def term_sums(
     parts: dict,  # read -> its `(h, mask, seq_dim)` list (`read_tensors`)
 ) -> dict:
@@ -286,13 +286,14 @@ def term_sums(
     single = [r for r in reads if len(parts[r]) == 1]
     if len(reads) == 2 and len(single) == 2 and {r.kind for r in reads} == set(KINDS) and \
             reads[0].feature_dim == reads[1].feature_dim:
-        ar, tar = sorted(reads, key=lambda r: r.kind != 'ar')
+        ar, tar = by_kind(reads)
         (a, am, _), (t, tm, sd) = parts[ar][0], parts[tar][0]
         stats[ar], stats[tar] = ar_tar_sum_count(a, t, am, tm, seq_dim=sd, feature_dim=tar.feature_dim)
         return stats
     for r in reads:
         for h, mask, sd in parts[r]:
-            s, n = _SUM_COUNT[r.kind](h, mask, **({'seq_dim': sd} if sd is not None else {}), feature_dim=r.feature_dim)
+            s, n = KINDS[r.kind].sum_count(h, mask, **({'seq_dim': sd} if sd is not None else {}),
+                                           feature_dim=r.feature_dim)
             if r in stats:
                 s0, n0 = stats[r]
                 s, n = s0 + s.to(s0.device), n0 + (n.to(s0.device) if isinstance(n, Tensor) else n)

@@ -14,16 +14,17 @@ The rule (the README's "Where AR and TAR read"), per term:
 The plan is kept while the model's modules are the same objects; when they change it is settled again.
 """
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 import weakref
 
 from torch import nn
 
 from .arguments import describe_modules, module_specs
+from .functional import ar_sum_count, tar_sum_count
 from .fastai_interop import Contract, fastai_layout, fastai_places, is_fastai_classifier
 from .schedule import describe_coef, may_be_on
 
-__all__ = ['Kind', 'KINDS', 'Read', 'Request', 'Plan', 'NothingToRegularize', 'unwrap_model', 'fingerprint',
+__all__ = ['Kind', 'KINDS', 'by_kind', 'Read', 'Request', 'Plan', 'NothingToRegularize', 'unwrap_model', 'fingerprint',
            'module_reads', 'settle', 'watched_modules', 'describe_candidates']
 
 
@@ -36,10 +37,16 @@ class Kind:
     item: int  # its item of fastai's (logits, raw, dropped)
     item_name: str
     needs_time: bool  # TAR compares consecutive steps; AR reads each element alone
+    sum_count: Callable  # `(h, mask, seq_dim=, feature_dim=) -> (sum, count)`
 
 
-KINDS = {'ar': Kind('ar', 'alpha', 'ar_modules', 2, 'dropped', False),
-         'tar': Kind('tar', 'beta', 'modules', 1, 'raw', True)}
+KINDS = {'ar': Kind('ar', 'alpha', 'ar_modules', 2, 'dropped', False, ar_sum_count),
+         'tar': Kind('tar', 'beta', 'modules', 1, 'raw', True, tar_sum_count)}
+
+
+def by_kind(reads: list) -> list:
+    "Reads in the table's order of kinds: AR first"
+    return sorted(reads, key=lambda r: list(KINDS).index(r.kind))
 
 
 class NothingToRegularize(ValueError):
@@ -58,7 +65,7 @@ class Request:
     feature_dim: int | None
     contract: bool | None
 
-    def coef(self, kind: str): return self.alpha if kind == 'ar' else self.beta
+    def coef(self, kind: str): return getattr(self, KINDS[kind].coef_arg)
 
     def spec(self, kind: str):
         "The modules named for `kind`: AR reads `modules` when `ar_modules` is not given"
@@ -242,7 +249,7 @@ def module_reads(
             for (name, module), c in _with_coefs(places[k], req.coef(k), KINDS[k].coef_arg, "layer(s)"):
                 read = Read(k, name, module, c, 'found', why, others=others)
                 reads.append(_layout(read, req, module, seen_layout(module)))
-    return sorted([r for r in reads if r is not None], key=lambda r: list(KINDS).index(r.kind))
+    return by_kind([r for r in reads if r is not None])
 
 
 def _contract_reads(contract: Contract, req: Request, kinds: list) -> list[Read]:
@@ -296,8 +303,7 @@ def settle(
                              "all_layers=False, return per-layer lists, or name the modules in modules=")
         from_output = []  # an AWD_LSTM: its layers are hooked
     reads = module_reads(model, req, [k for k in KINDS if k not in from_output], packed)
-    if from_output: reads = sorted(reads + _contract_reads(contract, req, from_output),
-                                   key=lambda r: list(KINDS).index(r.kind))
+    if from_output: reads = by_kind(reads + _contract_reads(contract, req, from_output))
     return Plan(reads, contract is not None, req, fingerprint(model), weakref.ref(model))
 
 
