@@ -122,6 +122,15 @@ def test_first_order_saves_only_inputs():
 
 
 # --- torch.func and forward-mode AD ------------------------------------------------------------------------
+def assert_per_sample_grads(f, ref, h, mask):
+    "Per-sample gradients through `vmap(grad(...))`, one penalty per sequence of the batch, against `ref`'s"
+    per_sample = vmap(grad(lambda x, m: f(x[None], None if m is None else m[None])),
+                      in_dims=(0, None if mask is None else 0))
+    expected = torch.stack([grad(lambda x: ref(x[None], None if mask is None else mask[i:i + 1]))(h[i])
+                            for i in range(len(h))])
+    torch.testing.assert_close(per_sample(h, mask), expected)
+
+
 @pytest.mark.parametrize('name', list(FUNCS))
 @pytest.mark.parametrize('masked', [False, True])
 def test_torch_func(name, masked, small_blocks):
@@ -129,12 +138,7 @@ def test_torch_func(name, masked, small_blocks):
     h, mask = data((3, 7, 4), masked, seed=2)
     torch.testing.assert_close(grad(lambda x: f(x, mask))(h), grad(lambda x: ref(x, mask))(h))
     torch.testing.assert_close(jacrev(lambda x: f(x, mask))(h), jacrev(lambda x: ref(x, mask))(h))
-    # per-sample gradients: one penalty per sequence of the batch
-    per_sample = vmap(grad(lambda x, m: f(x[None], None if m is None else m[None])),
-                      in_dims=(0, None if mask is None else 0))
-    expected = torch.stack([grad(lambda x: ref(x[None], None if mask is None else mask[i:i + 1]))(h[i])
-                            for i in range(len(h))])
-    torch.testing.assert_close(per_sample(h, mask), expected)
+    assert_per_sample_grads(f, ref, h, mask)
     # second order through torch.func: the Hessian's action on a direction
     u = torch.randn_like(h)
     hess_u = jvp(grad(lambda x: f(x, mask)), (h,), (u,))[1]
@@ -297,11 +301,7 @@ def test_channels_first_on_every_path(name, masked, small_blocks):
     torch.testing.assert_close(torch.autograd.grad(f(x, mask), x)[0], grad(lambda x: ref(x, mask))(h))
     assert torch.autograd.gradgradcheck(lambda x: f(x, mask), (x,))
     torch.testing.assert_close(jacrev(lambda x: f(x, mask))(h), jacrev(lambda x: ref(x, mask))(h))
-    per_sample = vmap(grad(lambda x, m: f(x[None], None if m is None else m[None])),
-                      in_dims=(0, None if mask is None else 0))
-    expected = torch.stack([grad(lambda x: ref(x[None], None if mask is None else mask[i:i + 1]))(h[i])
-                            for i in range(len(h))])
-    torch.testing.assert_close(per_sample(h, mask), expected)
+    assert_per_sample_grads(f, ref, h, mask)
     u = torch.randn_like(h)
     torch.testing.assert_close(jvp(lambda x: f(x, mask), (h,), (u,)), jvp(lambda x: ref(x, mask), (h,), (u,)))
     import torch.autograd.forward_ad as fwAD
