@@ -310,7 +310,7 @@ class TARCallback(Callback):
         if not self.training: return
         reads = self._plan.reads
         coefs = [self._coefs[id(r.coef)] for r in reads]  # zeros too, so that the history shows each one used
-        weighted = {r: c * mean_of(*self._stats[r]) for r, c in zip(reads, coefs) if r in self._stats}
+        weighted = {r: mean_of(*self._stats[r], c) for r, c in zip(reads, coefs) if r in self._stats}
         if weighted: self.learn.loss_grad = self.learn.loss_grad + functools.reduce(operator.add, weighted.values())
         self._report.record(self.train_iter, self.learn.loss, weighted, coefs)
 

@@ -16,6 +16,7 @@ expression, with the same mask and accumulation semantics, so that transforms an
 Dtypes: float64 (accumulated in float64), float32, float16, bfloat16 and the float8 formats with a zero
 and a sign (accumulated in float32, the gradient rounded once to `h`'s dtype); others raise a TypeError.
 """
+import functools
 import math
 import numbers
 import operator
@@ -56,6 +57,7 @@ def _acc_dtype(h: Tensor) -> torch.dtype:
 # --- arguments ---------------------------------------------------------------------------------------
 def _axis(value, name: str) -> int:
     "An integer-like axis (int, numpy integer, 0-d integer tensor), not yet checked against a shape"
+    if type(value) is int: return value  # the common case, first: this runs at every call
     # bools are integers to Python (`operator.index(True)` is 1), but an axis given as one is a mistake (numpy's
     # bool has no `__index__`)
     if isinstance(value, bool) or isinstance(value, Tensor) and value.dtype == torch.bool:
@@ -185,16 +187,20 @@ def _uncanonical(g: Tensor, h: Tensor, sd: int | None, fd: int) -> Tensor:
     return g.view(moved).movedim(-2, ms).movedim(-1, fd)
 
 
-def _blocks(L: int, T: int, F: int, device: torch.device):
+def _blocks(L: int, T: int, F: int, device: torch.device) -> tuple:
     """`(l0, nl, t0, k)` blocks of sequences `l0..l0+nl-1`, steps `t0..t0+k-1`: whole sequences where one fits. A block
     has at most `CHUNK_NUMEL` steps (rows), as many elements unless one step is larger; on a GPU, all of it."""
-    F, chunk = max(F, 1), CHUNK_NUMEL if device.type == 'cpu' else GPU_CHUNK_NUMEL
+    return _block_list(L, T, max(F, 1), CHUNK_NUMEL if device.type == 'cpu' else GPU_CHUNK_NUMEL)
+
+
+@functools.lru_cache(maxsize=256)  # a training loop asks for the same few shapes at every call
+def _block_list(L: int, T: int, F: int, chunk: int) -> tuple:
     if T * F <= chunk:
         n = max(1, chunk // max(T * F, 1))
         n = -(-L // -(-L // n)) if L else n  # blocks of equal size: one shape of scratch views for all of them
-        return [(l, min(n, L - l), 0, T) for l in range(0, L, n)]
+        return tuple((l, min(n, L - l), 0, T) for l in range(0, L, n))
     k = max(1, chunk // F)  # a block is at least one step
-    return [(l, 1, t, min(k, T - t)) for l in range(L) for t in range(0, T, k)]
+    return tuple((l, 1, t, min(k, T - t)) for l in range(L) for t in range(0, T, k))
 
 
 _local = threading.local()
@@ -206,18 +212,21 @@ def _scratch(name: str, shape, dtype, device, init=None) -> Tensor:
     where `init` is given, it is called on a view when it is made, and what it returns is kept and returned instead.
     Per thread, so that replicas in threads (`nn.DataParallel`) never share one. On a GPU, whose blocks are whole
     tensors, a fresh tensor each time: the caching allocator reuses its memory, and none is held between calls."""
-    if torch.device(device).type != 'cpu':
+    if device.type != 'cpu':
         view = torch.empty(shape, dtype=dtype, device=device)
         return view if init is None else init(view)
-    views, shapes = _local.__dict__.setdefault('views', {}), _local.__dict__.setdefault('shapes', {})
+    views = getattr(_local, 'views', None)  # key -> (shape, view)
+    if views is None:
+        views = _local.views = {}
+        _local.bufs = {}
     key, shape = (name, dtype, device), tuple(shape)
-    view = views.get(key)
-    if view is not None and shapes.get(key) == shape: return view
-    bufs, n, shapes[key] = _local.__dict__.setdefault('bufs', {}), math.prod(shape), shape
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < n: buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+    made = views.get(key)
+    if made is not None and made[0] == shape: return made[1]
+    n, buf = math.prod(shape), _local.bufs.get(key)
+    if buf is None or buf.numel() < n: buf = _local.bufs[key] = torch.empty(n, dtype=dtype, device=device)
     view = buf[:n].view(shape)
-    views[key] = view = view if init is None else init(view)
+    view = view if init is None else init(view)
+    views[key] = (shape, view)
     return view
 
 
@@ -232,37 +241,43 @@ def _in_acc(x: Tensor, acc) -> Tensor:
     return x if x.dtype == acc else _scratch('x', x.shape, acc, x.device).copy_(x)
 
 
-def _row_sum(x: Tensor, void: Tensor | None, name: str) -> Tensor:
-    "The sum of `x**2` over rows (the last dim) that `void` does not mark, as a 0-d tensor"
-    rows = _scratch(name, x.shape[:-1], x.dtype, x.device)
+def _row_norms(x: Tensor, out: Tensor) -> None:
+    "`out` = the 2-norm of each row (the last dim) of `x`"
     # A row's vector norm is a short vectorised sum (one norm of a whole tensor drifts by ~1e-3 on 30M float32
-    # elements); beyond ROW_MAX elements a cascade sum keeps it exact. The rows are added by cascade too.
-    if x.shape[-1] <= ROW_MAX: torch.linalg.vector_norm(x, dim=-1, out=rows).square_()
-    else: torch.sum(x.square(), dim=-1, out=rows)
+    # elements); beyond ROW_MAX elements a cascade sum keeps it exact.
+    if x.shape[-1] <= ROW_MAX: torch.linalg.vector_norm(x, dim=-1, out=out)
+    else: torch.sum(x.square(), dim=-1, out=out).sqrt_()
+
+
+def _rows_total(rows: Tensor, void: Tensor | None) -> Tensor:
+    "The sum of the squares of the row norms `rows` that `void` does not mark, as a 0-d tensor"
+    rows.square_()
     if void is not None: rows.masked_fill_(void, 0)  # a fill, not a product: padding may hold inf or NaN
-    return rows.sum()
-
-
-def _total(parts: list, acc, device) -> Tensor:
-    # each part is an accurate sum over one block, and `torch.sum` adds them by cascade summation
-    if not parts: return torch.zeros((), dtype=acc, device=device)
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    return rows.sum()  # by cascade summation
 
 
 def _sums(x: Tensor, ar_void, tar_void, ar: bool, tar: bool) -> tuple:
     "(AR sum, TAR sum) of the canonical `x`; None for a term not asked for. Voids: True where a row is left out."
     L, T, F = x.shape
     acc = _acc_dtype(x)
+    # the row norms of each term go into one buffer, block by block, and are squared and added once at the end
+    ar_rows = _scratch('ar', (L, T), acc, x.device) if ar else None
+    tar_rows = _scratch('tar', (L, max(T - 1, 0)), acc, x.device) if tar else None
     tar_on = tar and T > 1
-    ar_parts, tar_parts = [], []
-    for l0, nl, t0, k in _blocks(L, T, F, x.device):
+    # AR alone needs no scratch in the accumulation dtype, and so no blocks: one pass over the whole tensor
+    blocks = _blocks(L, T, F, x.device) if tar_on or x.dtype != acc else ((0, L, 0, T),)
+    for l0, nl, t0, k in blocks:
         n = min(k + 1, T - t0) if tar_on else k  # TAR's last pair of the block reads the next block's first step
         xb = _in_acc(_block(x, l0, nl, t0, n), acc)  # AR and TAR of the same tensor share one conversion
-        if ar: ar_parts.append(_row_sum(xb if n == k else xb[:, :k], _block(ar_void, l0, nl, t0, k), 'ar'))
+        if ar: _row_norms(xb if n == k else xb[:, :k], _block(ar_rows, l0, nl, t0, k))
         if tar_on and n > 1:
             d = torch.sub(xb[:, 1:], xb[:, :-1], out=_scratch('d', (nl, n - 1, F), acc, x.device))
-            tar_parts.append(_row_sum(d, _block(tar_void, l0, nl, t0, n - 1), 'tar'))
-    return (_total(ar_parts, acc, x.device) if ar else None), (_total(tar_parts, acc, x.device) if tar else None)
+            _row_norms(d, _block(tar_rows, l0, nl, t0, n - 1))
+    return (_rows_total(ar_rows, ar_void) if ar else None), (_rows_total(tar_rows, tar_void) if tar else None)
+
+
+# u_t = 2*g*(x[t+1]-x[t]) in one op (reduction none), written into scratch; looked up once, not at every block
+_mse_loss_backward = torch.ops.aten.mse_loss_backward.grad_input
 
 
 def _u_views(U: Tensor) -> tuple:
@@ -294,7 +309,7 @@ def _tar_grad_block(x: Tensor, tar_void, g: Tensor, l0: int, nl: int, t0: int, k
         xs, part = _in_acc(x[l0:l0 + 1, lo:hi + 1], acc), U[:, lo - t0 + 1:hi - t0 + 1]
         before, after = U[:, :k], U[:, 1:]
         pairs_void = _block(tar_void, l0, 1, lo, hi - lo)
-    torch.ops.aten.mse_loss_backward.grad_input(g, xs[:, 1:], xs[:, :-1], 0, grad_input=part)
+    _mse_loss_backward(g, xs[:, 1:], xs[:, :-1], 0, grad_input=part)
     if pairs_void is not None: part.masked_fill_(pairs_void[..., None], 0)  # a fill: padding may hold inf
     torch.sub(before, after, out=out)
     return xs if k == T else xs[:, t0 - lo:t0 - lo + k]
@@ -498,10 +513,11 @@ def tar_sum_count(
 def mean_of(
     total: Tensor,  # a sum, e.g. the first item of `ar_sum_count`
     count: Tensor | int,  # how many elements it summed
+    weight: float = 1.,  # a factor, such as a penalty's coefficient: one op instead of a mean and a product
 ) -> Tensor:
-    "`total / count`, and exactly 0 (not NaN) where nothing was counted: then `total` is 0 as well."
-    if isinstance(count, Tensor): return total / count.clamp(min=1).to(total.dtype)
-    return total / max(count, 1)
+    "`weight * total / count`, and exactly 0 (not NaN) where nothing was counted: then `total` is 0 as well."
+    if isinstance(count, Tensor): return total * weight / count.clamp(min=1).to(total.dtype)
+    return total * (weight / max(count, 1))
 
 
 @add_arg_docs

@@ -237,7 +237,7 @@ def test_runs_of_steps_and_long_rows(monkeypatch):
         with chunk_numel(chunk):
             assert {k for *_, k in tf._blocks(2, 6, 9, h.device)} == {max(1, chunk // 9)}
             # a GPU takes the whole tensor in one block
-            assert tf._blocks(2, 6, 9, torch.device('cuda')) == [(0, 2, 0, 6)]
+            assert tf._blocks(2, 6, 9, torch.device('cuda')) == ((0, 2, 0, 6),)
             for row_max in (2, 1 << 16):
                 monkeypatch.setattr(tf, 'ROW_MAX', row_max)
                 for m in (None, mask):

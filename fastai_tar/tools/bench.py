@@ -49,7 +49,7 @@ def fastai_penalty(raw, dropped, alpha=ALPHA, beta=BETA):
 def our_penalty(raw, dropped, alpha=ALPHA, beta=BETA):
     "The same penalty from `fastai_tar.functional`, as `TARCallback` takes it: both terms in one call, then the means"
     (ar, n_ar), (tar, n_tar) = ar_tar_sum_count(dropped, raw)
-    return alpha * mean_of(ar, n_ar) + beta * mean_of(tar, n_tar)
+    return mean_of(ar, n_ar, alpha) + mean_of(tar, n_tar, beta)
 
 
 def saved_bytes(
