@@ -61,7 +61,8 @@ def test_bench_quick_table_and_json(tmp_path, capsys):
 
 
 def test_bench_train_quick(tmp_path, capsys):
-    "Both models' tables: the AWD-LSTM LM's and the small time-series LSTM's, each with its peer"
+    """Both models' tables: the AWD-LSTM LM's and the small time-series LSTM's, each with its peer; the small model's
+    also with the peer compiled, or a note that says why not"""
     path = tmp_path / 'train.json'
     assert main(['bench', '--train', '--quick', '--json', str(path)]) == 0
     out = capsys.readouterr().out
@@ -70,6 +71,10 @@ def test_bench_train_quick(tmp_path, capsys):
                              ('train_small', 'forward hook + fastai expressions', 'Time-series LSTM classifier')):
         res = both[key]
         runs = ['no penalty', 'TARCallback', peer]
+        if key == 'train_small':
+            compiled = 'forward hook + compiled fastai expressions'
+            if res['notes']: assert res['notes'][0].startswith('Note: no compiled variant') and res['notes'][0] in out
+            else: runs.append(compiled)
         assert list(res['epoch_s']) == runs and list(res['epoch_cpu_s']) == runs
         assert all(v > 0 for v in [*res['epoch_s'].values(), *res['epoch_cpu_s'].values()])
         for col, pct in (('epoch_s', 'overhead_pct'), ('epoch_cpu_s', 'overhead_cpu_pct')):

@@ -330,8 +330,8 @@ class SmallTSModel(nn.Module):
     def forward(self, x): return self.fc(self.rnn(x.transpose(1, 2))[0][:, -1])
 
 
-def _hooked_fastai_penalty():
-    "fastai's two expressions in a forward hook on the model's LSTM: what one would write by hand, the peer"
+def _hooked_fastai_penalty(penalty=fastai_penalty):
+    "`penalty` (fastai's two expressions) in a forward hook on the model's LSTM: what one would write by hand, the peer"
     from fastai.callback.core import Callback
 
     class HookedFastaiPenalty(Callback):
@@ -339,7 +339,7 @@ def _hooked_fastai_penalty():
         def after_fit(self): self.handle.remove()
         def keep(self, module, args, output): self.out = output[0]
         def after_loss(self):
-            if self.training: self.learn.loss_grad = self.learn.loss_grad + fastai_penalty(self.out, self.out)
+            if self.training: self.learn.loss_grad = self.learn.loss_grad + penalty(self.out, self.out)
     return HookedFastaiPenalty()
 
 
@@ -354,7 +354,8 @@ def ts_train_epochs(
     device='cpu',
 ) -> dict:
     """Median seconds of a small time-series LSTM's training epoch (no validation): no penalty, `TARCallback()` (which
-    finds the LSTM: AR and TAR of its output), and fastai's expressions in a hand-written forward hook"""
+    finds the LSTM: AR and TAR of its output), and fastai's expressions in a hand-written forward hook, eager and
+    under `torch.compile` (one fused kernel each way: what a penalty costs here at best)"""
     device = torch.device(device)
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
@@ -372,6 +373,10 @@ def ts_train_epochs(
                       device=device)
     variants = {'no penalty': list, 'TARCallback': lambda: [TARCallback()],
                 'forward hook + fastai expressions': lambda: [_hooked_fastai_penalty()]}
+    h = torch.randn(bs, seq_len, n_hid, device=device, requires_grad=True)
+    compiled, first_call = compile_naive(h, h, device)  # compiled here, so that no epoch pays for it
+    if compiled is not None:
+        variants['forward hook + compiled fastai expressions'] = lambda: [_hooked_fastai_penalty(compiled)]
     learners = {}
     for name, cbs in variants.items():
         set_seed(seed)
@@ -379,8 +384,9 @@ def ts_train_epochs(
                                  cbs=[_epoch_timer(device), *cbs()])
     title = (f"Time-series LSTM classifier ({c_in} variables x {seq_len} steps, n_hid={n_hid}; AR and TAR of the LSTM "
              f"output), {batches} batches of {bs} per epoch, synthetic series; median of {epochs} epochs")
+    notes = [] if compiled is not None else [f"Note: no compiled variant: torch.compile failed here ({first_call})"]
     return dict(title=title, epochs=epochs, bs=bs, c_in=c_in, seq_len=seq_len, n_hid=n_hid, batches=batches,
-                device=str(device), **_timed_epochs(learners, epochs, seed))
+                device=str(device), notes=notes, **_timed_epochs(learners, epochs, seed))
 
 
 def format_train(res: dict) -> str:
@@ -389,7 +395,7 @@ def format_train(res: dict) -> str:
     for k, s in res['epoch_s'].items():
         lines.append(f"| {k} | {s:.3f} | {res['overhead_pct'][k]:+.1f}% | {res['epoch_cpu_s'][k]:.3f} | "
                      f"{res['overhead_cpu_pct'][k]:+.1f}% |")
-    return '\n'.join(lines)
+    return '\n'.join(lines + res.get('notes', []))
 
 
 # --- command line -----------------------------------------------------------------------------------
