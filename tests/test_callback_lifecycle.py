@@ -25,7 +25,7 @@ from fastai_tar.columns import PenaltyColumn
 
 from conftest import (AliveAfterBatch, Boom, Capture, LossSpy, SL, VOCAB, hook_ids, lm_dls, penalty, quiet_fit, ref_ar,
                       ref_penalty, ref_tar, tiny_config, tiny_lm, torch_state)
-from models import CheckpointLM, LMModel7, NoDropoutLSTMLM, NoRNN, VocabLSTMLM, fit_with
+from models import CheckpointLM, GRULM, LMModel7, NoDropoutLSTMLM, NoRNN, VocabLSTMLM, fit_with
 
 
 # --- 13. our error inside fastai's mixed-precision window ----------------------------------------------------------
@@ -39,20 +39,6 @@ class CPUAutocastWindow(MixedPrecision):
     def before_fit(self):
         self.autocast, self.scales = torch.autocast('cpu', dtype=torch.bfloat16), L()
         self.learn.scaler = GradScaler('cpu', enabled=False)
-
-
-class GRULM(nn.Module):
-    "Embedding -> nn.GRU -> Linear; `in_place` adds to the GRU's output in place (an error of ours to raise)."
-    def __init__(self, in_place=False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.in_place, self.emb, self.rnn = in_place, nn.Embedding(VOCAB, 8), nn.GRU(8, 12, batch_first=True)
-        self.head = nn.Linear(12, VOCAB)
-
-    def forward(self, x):
-        h = self.rnn(self.emb(x))[0]
-        if self.in_place: h += 1.
-        return self.head(h)
 
 
 @pytest.mark.parametrize('why', ['schedule turns negative', 'in-place change'])
