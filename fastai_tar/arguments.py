@@ -6,9 +6,10 @@ from numbers import Real
 
 from torch import Tensor, nn
 
+from .plan import Place, module_specs
 from .schedule import coef_at, describe_coef
 
-__all__ = ['ALPHA', 'BETA', 'check_arguments', 'check_axis', 'coef_objects', 'describe_modules', 'module_specs']
+__all__ = ['ALPHA', 'BETA', 'check_arguments', 'check_flags', 'check_axis', 'describe_modules']
 
 
 class _Default(float):
@@ -19,7 +20,8 @@ class _Default(float):
 
 ALPHA, BETA = _Default(2.), _Default(1.)  # Merity et al.'s and fastai's language-model defaults
 
-_SPEC = "a module, a name from model.named_modules(), a list of them, or a dict {module or name: coefficient}"
+_SPEC = ("a module, a name from model.named_modules(), a Place of either, a list of them, or a dict {module or name: "
+         "coefficient}")
 
 
 def _bad_coef(arg, value):
@@ -38,21 +40,17 @@ def _check_coef(coef, arg: str):
         for pct in (0., 1.): coef_at(c, pct, arg)
 
 
-def module_specs(spec) -> list:
-    "The modules or names a `modules=` / `ar_modules=` value gives, in order."
-    return list(spec) if isinstance(spec, (list, tuple, dict)) else [] if spec is None else [spec]
-
-
 def _check_modules(spec, arg: str, coef, coef_arg: str):
     if spec is None: return
     specs = module_specs(spec)
     if not specs:
         raise ValueError(f"{arg}={spec!r} names no module: give {_SPEC}, or None to find them from the model")
     for s in specs:
-        if not isinstance(s, (nn.Module, str)): raise TypeError(f"{arg} takes {_SPEC}; got {type(s).__name__} {s!r}")
+        if not isinstance(s.module if isinstance(s, Place) else s, (nn.Module, str)):
+            raise TypeError(f"{arg} takes {_SPEC}; got {type(s).__name__} {s!r}")
     seen = set()
     for s in specs:
-        key = s if isinstance(s, str) else id(s)
+        key = s if isinstance(s, (str, Place)) else id(s)
         if key in seen:
             raise ValueError(f"{arg} names {describe_modules(s)} twice: each module is read once; give it once "
                              "(with its own coefficient in a dict if it needs one)")
@@ -79,19 +77,19 @@ def check_axis(value, arg: str) -> int | None:
                         f"{type(value).__name__} {value!r}") from None
 
 
-def check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim, valid_metrics, show_columns,
-                    contract) -> tuple[int | None, int | None]:
-    "Check `TARCallback`'s arguments when it is built; returns `(seq_dim, feature_dim)` as Python ints (or None)."
+def check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim,
+                    contract=None) -> tuple[int | None, int | None]:
+    "Check the arguments of what to read and how much it weighs; returns `(seq_dim, feature_dim)` as Python ints."
     for coef, arg, spec_arg in ((alpha, 'alpha', 'ar_modules'), (beta, 'beta', 'modules')):
         if isinstance(coef, dict):
             raise TypeError(f"{arg}={describe_coef(coef)}: coefficients per module go in {spec_arg}= as a dict, "
                             f"{spec_arg}={describe_coef(coef)}; {arg} takes a number >= 0, a schedule, or a list")
         _check_coef(coef, arg)
     _check_modules(modules, 'modules', beta, 'beta')
+    # AR reads one place for each TAR module where it names none: a list of alphas counts those
     if ar_modules is None and not isinstance(modules, dict): _check_modules(modules, 'modules', alpha, 'alpha')
     else: _check_modules(ar_modules, 'ar_modules', alpha, 'alpha')
-    for flag, value in (('all_layers', all_layers), ('valid_metrics', valid_metrics), ('show_columns', show_columns)):
-        if not isinstance(value, bool): raise TypeError(f"{flag} must be True or False, got {value!r}")
+    check_flags(all_layers=all_layers)
     if all_layers and (modules is not None or ar_modules is not None):
         named = 'modules' if modules is not None else 'ar_modules'
         raise ValueError(f"all_layers=True reads every layer the callback finds, but {named}= names the modules "
@@ -106,19 +104,15 @@ def check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, featu
     return seq_dim, feature_dim
 
 
-def coef_objects(alpha, beta, modules, ar_modules) -> list[tuple]:
-    "`(coefficient, argument)` for every number and schedule the arguments give, each object once"
-    found = {}
-    for c, arg in ((alpha, 'alpha'), (beta, 'beta'), (modules, 'modules'), (ar_modules, 'ar_modules')):
-        values = c.values() if isinstance(c, dict) else c if isinstance(c, (list, tuple)) else [c]
-        for v in values:
-            if not isinstance(v, (str, nn.Module)) and v is not None: found.setdefault(id(v), (v, arg))
-    return list(found.values())
+def check_flags(**flags):
+    "Each flag is True or False"
+    for flag, value in flags.items():
+        if not isinstance(value, bool): raise TypeError(f"{flag} must be True or False, got {value!r}")
 
 
 def describe_modules(spec) -> str:
     "A one-line form of a module spec for `repr`: names quoted, modules by their class."
-    one = lambda m: repr(m) if isinstance(m, str) else type(m).__name__
+    one = lambda m: repr(m) if isinstance(m, (str, Place)) else type(m).__name__
     if isinstance(spec, dict): return '{' + ', '.join(f'{one(k)}: {describe_coef(v)}' for k, v in spec.items()) + '}'
     if isinstance(spec, (list, tuple)): return '[' + ', '.join(map(one, spec)) + ']'
     return one(spec)

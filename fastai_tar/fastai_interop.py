@@ -1,5 +1,6 @@
-"""Everything fastai-specific in one place: its text models' places and layouts, its RNN contract
-`(logits, raw, dropped)`, its `RNNCallback` / `RNNRegularizer`, and its losses.
+"""Everything that leans on fastai's internals, in one place: its RNN contract `(logits, raw, dropped)`, its losses, its
+`RNNCallback` / `RNNRegularizer`, and its training loop (which forward is the learner's own, whether a fit is
+running, the validation context, the autocast window `MixedPrecision` opens).
 
 **The contract.** fastai's text models (`LinearDecoder`, `PoolingLinearClassifier`) and the fastai book's chapter 12
 models (`LMModel7`) return `(logits, raw, dropped)`: `raw` is the last RNN layer's output, `dropped` the same after
@@ -14,95 +15,30 @@ Outside training, where no graph shows where `dropped` came from, the first trai
 `TARCallback(contract=True)` reads any 3-tuple of a tensor and two float tensors (or lists of them) of at least 2 dims;
 `contract=False` none. Every other tuple reaches the loss as the model returned it.
 """
+import sys
 import warnings
-from dataclasses import dataclass
 
+import torch
 from fastai.callback.rnn import RNNCallback, RNNRegularizer
+from fastai.learner import Learner
 from fastai.losses import BaseLoss
-from fastai.text.models.awdlstm import AWD_LSTM, RNNDropout, WeightDropout
-from fastai.text.models.core import LinearDecoder, PoolingLinearClassifier, SentenceEncoder
+from fastai.text.models.core import LinearDecoder, PoolingLinearClassifier
+from fastai.torch_core import find_bs
 from torch import Tensor, nn
 
-__all__ = ['Contract', 'TupleLossError', 'FastaiRegularizerSwitch', 'certain_contract', 'check_loss_input',
-           'fastai_places', 'fastai_layout', 'fastai_output', 'is_fastai_classifier', 'is_fastai_text_model',
-           'rnn_callback_output', 'describe', 'has_contract_form', 'RECURRENT']
+from .module_facts import first_tensor, is_recurrent
+from .plan import Contract, describe
 
-# Modules whose outputs can be fastai's `raw`: watched in a forward to tell a real contract from any 3-tuple.
-RECURRENT = (nn.RNNBase, nn.RNNCellBase, AWD_LSTM)
-_BATCH_FIRST = (AWD_LSTM, SentenceEncoder, RNNDropout)  # fastai's text modules are batch-first
-
-
-def is_fastai_text_model(model: nn.Module) -> bool:
-    "A model built of fastai's text heads, which return the contract (`get_language_model`, `get_text_classifier`)."
-    return any(isinstance(m, (LinearDecoder, PoolingLinearClassifier)) for m in model.modules())
+__all__ = ['TupleLossError', 'FastaiRegularizerSwitch', 'certain_contract', 'check_loss_input', 'has_contract_form',
+           'rnn_callback_output', 'learner_forward', 'fit_running', 'in_validation_context', 'batch_size',
+           'autocast_state', 'restore_autocast']
 
 
-def is_fastai_classifier(model: nn.Module) -> bool:
-    "A fastai text classifier: its `SentenceEncoder` output carries the padding mask that its contract lacks."
-    return any(isinstance(m, SentenceEncoder) for m in model.modules())
-
-
-def fastai_layout(module: nn.Module) -> tuple[nn.Module, int] | None:
-    "`(the module whose layout counts, time axis)` for fastai's text modules running their own forward; else None."
-    if isinstance(module, WeightDropout) and type(module).forward is WeightDropout.forward: return module.module, None
-    for cls in _BATCH_FIRST:
-        if isinstance(module, cls) and type(module).forward is cls.forward: return module, 1
-    return None
-
-
-def fastai_output(module: nn.Module, output) -> tuple[Tensor, Tensor] | None:
-    "`(h, mask)` of a fastai classifier's `SentenceEncoder` output `(outs, padding)`; None for other modules."
-    if not isinstance(module, SentenceEncoder): return None
-    h, pad = output
-    return h, ~pad
-
-
-def _named(model, cls):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
-
-
-def fastai_places(model: nn.Module, all_layers: bool) -> tuple[list, list, str] | None:
-    "(TAR places, AR places, why) as `(name, module)` lists for fastai's text models; None for other models."
-    encoders = _named(model, SentenceEncoder)
-    if encoders:  # classifier: the encoder output is the last layer's raw output with its padding mask
-        if all_layers:
-            raise ValueError("all_layers=True needs the per-layer outputs of an AWD_LSTM, but a classifier's "
-                             "SentenceEncoder joins its bptt chunks only at its output: use all_layers=False")
-        return encoders[-1:], encoders[-1:], "found: fastai's classifier encoder, with its padding mask"
-    awd = _named(model, AWD_LSTM)
-    if not awd: return None
-    name, enc = awd[-1]
-    decoders = _named(model, LinearDecoder)
-    last_dropped = [(f'{n}.output_dp' if n else 'output_dp', d.output_dp) for n, d in decoders[-1:]]
-    if not all_layers: return [(name, enc)], last_dropped or [(name, enc)], "found: fastai's AWD_LSTM"
-    prefix = f'{name}.' if name else ''
-    tar = [(f'{prefix}rnns.{i}', r) for i, r in enumerate(enc.rnns)]
-    ar = [(f'{prefix}hidden_dps.{i}', d) for i, d in enumerate(enc.hidden_dps)][:-1]
-    return tar, ar + (last_dropped or tar[-1:]), "found: each layer of fastai's AWD_LSTM"
-
-
-# --- the contract ----------------------------------------------------------------------------------------
-@dataclass
-class Contract:
-    "A model's `(logits, raw, dropped)`, with `raw` and `dropped` as lists of one tensor per layer."
-    logits: Tensor
-    raw: list
-    dropped: list
-    per_layer: bool  # the model returned lists (one tensor per layer), not single tensors
-    producers: list  # per layer, the recurrent module whose output `raw` is (None where unknown)
-
-
+# --- the contract ----------------------------------------------------------------------------------------------------
 def _layers(x) -> list | None:
     if isinstance(x, Tensor): return [x]
     if isinstance(x, (list, tuple)) and x and all(isinstance(t, Tensor) for t in x): return list(x)
     return None
-
-
-def describe(x) -> str:
-    "A short description of a model output for messages: `tuple of 3 (float32 tensor (4, 12, 30), ...)`"
-    if isinstance(x, Tensor): return f"{x.dtype} tensor {tuple(x.shape)}"
-    if isinstance(x, (list, tuple)): return f"{type(x).__name__} of {len(x)} ({', '.join(map(describe, x))})"
-    return type(x).__name__
 
 
 def _why_not_form(pred, strict: bool) -> str | None:
@@ -143,10 +79,26 @@ def _made_from(dropped: Tensor, raw: Tensor) -> bool:
         any(f is raw.grad_fn for f, _ in node.next_functions)
 
 
+def _is_fastai_text_model(model: nn.Module) -> bool:
+    return any(isinstance(m, (LinearDecoder, PoolingLinearClassifier)) for m in model.modules())
+
+
+def recurrent_outputs(fwd) -> dict:
+    "id of the first tensor each recurrent module's call returned in the forward -> (that module, its version then)"
+    return {id(first_tensor(c[3])): (c[0], c[4]) for c in fwd.calls if is_recurrent(c[0])} if fwd is not None else {}
+
+
+def _silent_rnn(model: nn.Module, produced: dict) -> str:
+    "Where the model has recurrent modules that no call showed: a wrapper calling their forward skips their hooks"
+    if produced or not any(is_recurrent(m) for m in model.modules()): return ''
+    return (" (the model's recurrent modules ran no hook in this forward: a wrapper that calls their forward directly, "
+            "as awd-lstm-lm's WeightDrop does, skips hooks: pass contract=True, or name the wrapper in modules=)")
+
+
 def certain_contract(
     pred,  # the model's whole output
-    model: nn.Module,  # the learner's model
-    recurrent_outputs: dict,  # id of each tensor a recurrent module returned in this forward -> that module
+    model: nn.Module,  # the learner's model, unwrapped
+    fwd,  # the forward (`capture.Forward`), watched on the model's recurrent modules; None where none was captured
     contract: bool | None,  # `TARCallback(contract=...)`
     known: bool | None = None,  # what the first training forward showed: a contract for certain, or not
 ) -> tuple[Contract | None, str]:
@@ -160,19 +112,28 @@ def certain_contract(
         return None, f"it is not read as fastai's (logits, raw, dropped): {why}"
     logits, raw, dropped = pred
     raws, drops = _layers(raw), _layers(dropped)
-    producers = [recurrent_outputs.get(id(r)) for r in raws]
+    produced = recurrent_outputs(fwd)
+    producers = [produced.get(id(r), (None, None))[0] for r in raws]
     if known is False and not contract:  # outside training the graph that showed where `dropped` came from is gone
         return None, "it is not read as fastai's (logits, raw, dropped): the first training batch's output was not it"
-    if not contract and not known and not is_fastai_text_model(model):
+    if not contract and not known and not _is_fastai_text_model(model):
         if None in producers:
             return None, ("it is not read as fastai's (logits, raw, dropped): its raw item is not the output of a "
-                          "recurrent module (nn.LSTM, nn.GRU, nn.RNN, fastai's AWD_LSTM) in this forward")
+                          "recurrent module (nn.LSTM, nn.GRU, nn.RNN, fastai's AWD_LSTM) in this forward"
+                          + _silent_rnn(model, produced))
         if not all(_made_from(d, r) for d, r in zip(drops, raws)):
             return None, ("it is not read as fastai's (logits, raw, dropped): its dropped item is not raw or a dropout "
                           "of it")
+    for r, p in zip(raws, producers):  # each raw as it left its RNN: an in-place op since then would change TAR
+        version = produced.get(id(r), (None, None))[1]
+        if p is not None and version is not None and r._version != version:
+            raise RuntimeError(f"TARCallback reads TAR from the model's raw output, the output of {type(p).__name__}, "
+                               "but it was changed in place after the module returned it: make that op out-of-place "
+                               "(`raw = raw + x`)")
     return Contract(logits, raws, drops, per_layer=not isinstance(raw, Tensor), producers=producers), ''
 
 
+# --- losses ----------------------------------------------------------------------------------------------------------
 class TupleLossError(TypeError):
     "A tuple from the model's forward reached a loss that takes a tensor."
 
@@ -200,6 +161,7 @@ def check_loss_input(
         "TARCallback(contract=True) reads a 3-tuple the rule does not recognise), or use a loss that takes the tuple.")
 
 
+# --- fastai's RNN callbacks ------------------------------------------------------------------------------------------
 def rnn_callback_output(learn, pred):
     "fastai's `RNNCallback`, kept on a learner, has split the tuple already: put it back together for reading"
     rnn = next((cb for cb in learn.cbs if isinstance(cb, RNNCallback)), None)
@@ -207,33 +169,117 @@ def rnn_callback_output(learn, pred):
 
 
 class FastaiRegularizerSwitch:
-    "fastai's `TextLearner` adds `RNNRegularizer(alpha=2, beta=1)`: it is off during fit, so the penalty counts once"
+    """fastai's `TextLearner` adds `RNNRegularizer(alpha=2, beta=1)`: off during the fit, so that the penalty counts
+    once. What it switched off is kept with the callback, also in `learn.export()`: a learner exported mid-fit gives
+    the coefficients back at its first event."""
     def __init__(self):
         self.silenced = []  # (the RNNRegularizer, its (alpha, beta)) to give back after the fit
         self.warned, self.warned_places = False, False  # each warning once per callback
 
-    def silence(self, cbs):
-        for cb in cbs:
+    def silence(self, learn):
+        for cb in learn.cbs:
             if isinstance(cb, RNNRegularizer) and (cb.alpha or cb.beta):
                 if not any(c is cb for c, _ in self.silenced): self.silenced.append((cb, (cb.alpha, cb.beta)))
                 cb.alpha = cb.beta = 0.
         if self.silenced and not self.warned:
             a, b = self.silenced[0][1]
+            ctor = 'text_classifier_learner' if any(isinstance(m, PoolingLinearClassifier) for m in
+                                                    learn.model.modules()) else 'language_model_learner'
             warnings.warn(f"TARCallback switches off fastai's RNNRegularizer(alpha={a}, beta={b}) during fit so that "
-                          "AR/TAR is applied once; to silence this, create the learner with alpha=0, beta=0 "
-                          "(language_model_learner(..., alpha=0., beta=0.)) or learn.remove_cb(RNNRegularizer)",
-                          stacklevel=2)
+                          f"AR/TAR is applied once; to silence this, create the learner with alpha=0, beta=0 "
+                          f"({ctor}(..., alpha=0., beta=0.)) or learn.remove_cb(RNNRegularizer)", stacklevel=2)
             self.warned = True
 
     def restore(self):
         for cb, (a, b) in self.silenced: cb.alpha, cb.beta = a, b
         self.silenced = []
 
-    def warn_if_places_differ(self, reads, places: str):
+    def warn_if_places_differ(self, reads):
         "The RNNRegularizer switched off would have read the last layer's dropped (AR) and raw (TAR) outputs."
         moved = any(r.source == 'named' for r in reads) or len(reads) > len({r.kind for r in reads})  # or all_layers
         if not self.silenced or self.warned_places or not moved: return
-        warnings.warn(f"TARCallback regularizes {places}, where the RNNRegularizer it switches off would have used AR "
-                      "on the last layer's dropped output (output[2]) and TAR on its raw output (output[1]): because "
-                      "of modules=, ar_modules= or all_layers=True", stacklevel=2)
+        warnings.warn(f"TARCallback regularizes {'; '.join(map(repr, reads))}, where the RNNRegularizer it switches "
+                      "off would have used AR on the last layer's dropped output (output[2]) and TAR on its raw output "
+                      "(output[1]): because of modules=, ar_modules= or all_layers=True", stacklevel=2)
         self.warned_places = True
+
+
+# --- the training loop -----------------------------------------------------------------------------------------------
+# Frames of fastai's training loop: `_with_events` runs every fit, epoch and batch
+_LOOP = {Learner._with_events.__code__, Learner.one_batch.__code__, Learner._do_one_batch.__code__}
+_TORCH_DIR = torch.__file__.rsplit('/', 1)[0]
+_MAX_DEPTH = 20  # frames between the model's call and the learner's method: helpers, wrappers
+
+
+def learner_forward(learn, on_stale):
+    """The `accept` of the hooks on `learn.model`: a forward counts where the learner itself runs it (fastai's
+    `_do_one_batch`, a subclass's `one_batch`, or a helper they call), not a callback's event: the nearest method of
+    either on the stack decides. Outside fastai's loop the hooks are left over from a fit that an exception or a
+    Ctrl-C ended, with no event of ours after it (fastai's `_with_events` has no `finally`): `on_stale()`."""
+    from fastai.callback.core import Callback
+
+    def accept(model) -> bool:
+        f = sys._getframe(2)
+        while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR): f = f.f_back  # module call, compile, DDP
+        for _ in range(_MAX_DEPTH):
+            if f is None: break
+            owner = f.f_locals.get('self') if 'self' in f.f_code.co_varnames else None
+            if owner is learn: return True
+            if isinstance(owner, Callback): return False
+            f = f.f_back
+        g = sys._getframe(1)
+        while g is not None:
+            if g.f_code in _LOOP: return False
+            g = g.f_back
+        on_stale()
+        return False
+    return accept
+
+
+def fit_running(learn) -> bool:
+    "A fit of `learn` is on the stack: `validate()` called from inside it must not undo the fit's set-up"
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is Learner._do_fit.__code__ and f.f_locals.get('self') is learn: return True
+        f = f.f_back
+    return False
+
+
+def in_validation_context(learn) -> bool:
+    "Inside `learn.validate()` / `get_preds()` / `predict()`: fastai holds the learner's lock there."
+    locked = getattr(getattr(learn, 'lock', None), 'locked', None)
+    return bool(locked and locked()) or hasattr(learn, 'gather_preds')
+
+
+def batch_size(learn) -> int | None:
+    "The batch's size as fastai counts it (`find_bs` of the targets, else of the inputs)"
+    try: return find_bs(learn.yb) if learn.yb else find_bs(learn.xb)
+    except Exception: return None
+
+
+# --- the autocast window of MixedPrecision ---------------------------------------------------------------------------
+_AUTOCAST_DEVICES = ('cpu', 'cuda')
+
+
+def _autocast_depth() -> int:
+    "How many autocast windows are open (torch has no getter: one level up and back down)"
+    depth = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return depth
+
+
+def autocast_state() -> tuple:
+    "Everything an autocast window changes: per device enabled and dtype, the cache flag, the nesting depth"
+    return ([(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES],
+            torch.is_autocast_cache_enabled(), _autocast_depth())
+
+
+def restore_autocast(state: tuple):
+    "Leave autocast as `autocast_state` found it, as leaving the windows opened since would"
+    devices, cache, depth = state
+    for d, enabled, dtype in devices: torch.set_autocast_enabled(d, enabled); torch.set_autocast_dtype(d, dtype)
+    torch.set_autocast_cache_enabled(cache)
+    now = _autocast_depth()
+    for _ in range(now - depth): torch.autocast_decrement_nesting()
+    for _ in range(depth - now): torch.autocast_increment_nesting()
+    if depth == 0 and now > 0: torch.clear_autocast_cache()

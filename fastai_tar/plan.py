@@ -1,107 +1,177 @@
-"""What each term reads: one explicit plan, settled at the first training forward and shown in `learn.tar.places`.
+"""What each term reads: one explicit plan, settled at the first training forward and held (docs/places.md).
 
-The rule (the README's "Where AR and TAR read"), per term:
-1. **What**: the modules you name (`modules=` for TAR, `ar_modules=` for AR, which reads `modules` without it);
-   else, for a fastai classifier, its `SentenceEncoder` (with the padding mask); else fastai's `(logits, raw,
-   dropped)` when the forward returns it for certain (`fastai_tar.fastai_interop`): TAR `raw`, AR `dropped`; else
-   found from the structure: fastai's `AWD_LSTM` (AR on the `LinearDecoder`'s output dropout), or the last
-   `nn.LSTM`/`GRU`/`RNN` (or cell) for both terms. `all_layers=True` reads each layer where the model has layers
-   to read: per-layer lists in the contract, an `AWD_LSTM`'s layers, or every RNN module.
-2. **Axes**: `seq_dim=` / `feature_dim=` when you pass them, for every read; else the module's own layout where it is
-   certain (stock `nn.RNN/LSTM/GRU`: `batch_first`; cells: one step per call; fastai's text modules: batch-first;
-   a contract's `raw`: the layout of the RNN module that returned it); else TAR asks for `seq_dim`. AR needs no
-   time axis. The feature axis is the last unless you say otherwise.
-The plan is kept while the model's modules are the same objects; when they change it is settled again.
+**One candidate, or ask.** Every choice (which module, which of its calls, which item of its output, which tensor AR
+reads, which axis is time) is made only where exactly one candidate exists, and by identity (the tensor a module
+received or returned in that forward), never by a name or a size. Where there are several, an error names each and
+the argument that picks one; the one default the docs promise, the last of several recurrent modules, is said in a
+warning. Per term:
+
+1. **What.** The modules you name (`modules=` for TAR, `ar_modules=` for AR; a `Place` picks a call or an output
+   item). Else fastai's `(logits, raw, dropped)` where the forward returns it for certain: TAR `raw`, AR `dropped`.
+   Else TAR reads the recurrent module (torch's RNNs and cells, fastai's `AWD_LSTM` and classifier encoder) that is
+   not inside another one; of several, the last. AR, unless named, reads the dropout whose input *is* what TAR
+   reads; with none, what TAR reads (said once). `all_layers=True` reads each layer: the contract's per-layer lists,
+   an `AWD_LSTM`'s layers, or every recurrent module.
+2. **Which call.** A module run once per forward; or run several times where its calls are the steps of one
+   sequence (each call's state argument *is* the previous call's state output: a decoder stepping), joined in call
+   order; or the calls a `Place` picks. Calls without gradient are skipped in training.
+3. **Which item.** The one its class defines (an RNN's `output`, a cell's `h`, fastai's modules' own), else the only
+   float tensor of the output or `Place(item=)`.
+4. **Axes.** `seq_dim=` / `feature_dim=` where you give them; a `seq_dim` that contradicts a layout the module's class
+   makes certain is an error. Else the module's own layout (`module_facts.layout`), a `PackedSequence`'s (unpacked
+   batch-first), or for the contract's `raw` that of the module that returned it, else fastai's batch-first, which a
+   batch size it contradicts refuses. Else TAR asks for `seq_dim`; AR needs no time axis.
+Torch only: fastai's own modules are known through `module_facts`, its contract through `Contract`.
 """
-from dataclasses import dataclass, field
-from typing import Any, Callable
-import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
-from .arguments import describe_modules, module_specs
-from .functional import ar_sum_count, tar_sum_count
-from .fastai_interop import Contract, fastai_layout, fastai_places, is_fastai_classifier
-from .schedule import describe_coef, may_be_on
+from .schedule import describe_coef
+from .module_facts import activation_item, fastai_class, first_tensor, is_dropout, is_recurrent, layout, state_tensors
 
-__all__ = ['Kind', 'KINDS', 'by_kind', 'Read', 'Request', 'Plan', 'NothingToRegularize', 'unwrap_model', 'fingerprint',
-           'module_reads', 'settle', 'watched_modules', 'describe_candidates']
+__all__ = ['Kind', 'KINDS', 'Place', 'Request', 'Read', 'Contract', 'Plan', 'NothingToRegularize', 'unwrap_model',
+           'fingerprint', 'structure', 'settle_watch', 'settle', 'describe_candidates', 'module_specs',
+           'sequences', 'one_sequence', 'describe', 'select_calls', 'activations']
 
 
 @dataclass(frozen=True)
 class Kind:
-    "A penalty kind: what weights it and what it reads by default."
+    "A penalty kind: the argument that weights it, the one that names its modules, its item of fastai's contract."
     name: str  # 'ar' or 'tar'
-    coef_arg: str  # the TARCallback argument that weights it
-    spec_arg: str  # the argument that names its modules
+    coef_arg: str
+    spec_arg: str
     item: int  # its item of fastai's (logits, raw, dropped)
     item_name: str
     needs_time: bool  # TAR compares consecutive steps; AR reads each element alone
-    sum_count: Callable  # `(h, mask, seq_dim=, feature_dim=) -> (sum, count)`
 
 
-KINDS = {'ar': Kind('ar', 'alpha', 'ar_modules', 2, 'dropped', False, ar_sum_count),
-         'tar': Kind('tar', 'beta', 'modules', 1, 'raw', True, tar_sum_count)}
-
-
-def by_kind(reads: list) -> list:
-    "Reads in the table's order of kinds: AR first"
-    return sorted(reads, key=lambda r: list(KINDS).index(r.kind))
+KINDS = {'ar': Kind('ar', 'alpha', 'ar_modules', 2, 'dropped', False),
+         'tar': Kind('tar', 'beta', 'modules', 1, 'raw', True)}
 
 
 class NothingToRegularize(ValueError):
-    "The model has no module that TARCallback knows to read, and its output is not fastai's contract."
+    "The model has no module that the plan knows to read, and its output is not fastai's contract."
+
+
+@dataclass(frozen=True)
+class Place:
+    """A module to read, and which of its calls and which item of its output where it has several:
+    `Place('drop', call=1)` reads the second call of `drop` in each forward, `Place('head', item=0)` the first item of
+    `head`'s output, `Place('cell', call='all')` every call (each sequence of steps apart)."""
+    module: Any  # a module of the model, or its name in `model.named_modules()`
+    call: Any = None  # which call(s) of a module run more than once a forward: an index, a list of them, or 'all'
+    item: Any = None  # which item of a tuple, list or dict output: an index or a key
+
+
+def module_specs(spec) -> list:
+    "The places a `modules=` / `ar_modules=` value gives, in order (a dict's keys)."
+    return list(spec) if isinstance(spec, (list, tuple, dict)) else [] if spec is None else [spec]
 
 
 @dataclass(frozen=True)
 class Request:
-    "What the user asked `TARCallback` for, as given."
-    alpha: Any
-    beta: Any
-    modules: Any
+    "What decides the reads: the places asked for, the axes, whether each term can be on, the coefficients' count."
+    modules: Any  # `modules=` as `module_specs` gives it (a dict: its keys), or None
     ar_modules: Any
     all_layers: bool
     seq_dim: int | None
     feature_dim: int | None
     contract: bool | None
+    on: tuple  # per kind in KINDS' order: its coefficient can be other than 0
+    counts: tuple  # per kind: how many coefficients a list gives, None for one number or schedule
+    dicts: tuple = (False, False)  # per kind: its modules came as a dict {place: coefficient}
 
-    def coef(self, kind: str): return getattr(self, KINDS[kind].coef_arg)
+    @classmethod
+    def of(cls, alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim, contract, may_be_on):
+        specs = lambda s: None if s is None else tuple(module_specs(s))
+        count = lambda c: len(c) if isinstance(c, (list, tuple)) else None
+        return cls(specs(modules), specs(ar_modules), all_layers, seq_dim, feature_dim, contract,
+                   (may_be_on(ar_modules if isinstance(ar_modules, dict) else alpha),
+                    may_be_on(modules if isinstance(modules, dict) else beta)),
+                   (count(alpha), count(beta)), (isinstance(ar_modules, dict), isinstance(modules, dict)))
 
-    def spec(self, kind: str):
-        "The modules named for `kind`: AR reads `modules` when `ar_modules` is not given"
-        return self.modules if kind == 'tar' else self.modules if self.ar_modules is None else self.ar_modules
-
-    def spec_arg(self, kind: str) -> str:
-        return 'modules' if kind == 'tar' or self.ar_modules is None else 'ar_modules'
+    def spec(self, kind: str): return self.ar_modules if kind == 'ar' else self.modules
+    def is_on(self, kind: str) -> bool: return self.on[list(KINDS).index(kind)]
 
 
 @dataclass(eq=False)
 class Read:
-    "One regularized term and how it is read."
+    "One term's read: what it reads, how, where its coefficient comes from, and why."
     kind: str  # 'ar' or 'tar'
     name: str  # the module's name in `model.named_modules()`, or 'raw' / 'dropped' ('raw.0', ... per layer)
-    module: nn.Module | None  # the hooked module; None for an item of the model's output
-    coef: Any  # a number, or a schedule: a callable of `pct_train`
-    source: str  # 'named' (by you), 'contract' (fastai's output) or 'found' (from the model's structure)
-    why: str  # said in `places`
-    seq_dim: int | None = None  # the time axis (TAR); None: AR needs none
+    module: nn.Module | None  # the module whose calls are read; None for an item of fastai's contract
+    coef: tuple  # where its coefficient is: (argument, None | index of a list | key of a dict)
+    source: str  # 'named' (by you), 'contract' (fastai's output) or 'found'
+    why: str
+    item: Any = None  # the item of the module's output that is read (None: all of it)
+    masked: bool = False  # the output's item 1 is the padding (fastai's classifier encoder)
+    call: Any = None  # the calls you picked (`Place(call=)`); None: the one call, or the steps of one sequence
+    via: 'Read | None' = None  # AR of a dropout: the calls of `module` whose input is what `via` reads
+    seq_dim: int | None = None  # the time axis; None where none is needed (AR) or known (TAR off)
     feature_dim: int = -1
-    axis_why: str = ''  # where the time axis comes from
+    axis_why: str = ''
     axes_given: bool = False  # the time axis is the user's `seq_dim`
-    steps: bool = False  # each call returns one step without a time axis (a cell): the axis is inserted
-    layer: int | None = None  # for output items: the layer of fastai's per-layer lists
-    others: tuple = ()  # the other modules the structure offered: the plan took the last one
+    steps: bool = False  # each call is one step without a time axis (a cell): the axis is inserted
+    layer: int | None = None  # for the contract: the layer of its per-layer lists
+    others: tuple = ()  # the other recurrent modules the structure offered
 
     @property
     def coef_arg(self) -> str: return KINDS[self.kind].coef_arg
 
-    def __repr__(self):
-        off = ' (off in training)' if not callable(self.coef) and self.coef == 0 else ''
-        where = f"output[{KINDS[self.kind].item}]" if self.module is None else type(self.module).__name__
-        axes = [f"time axis {self.seq_dim} ({self.axis_why})"] if self.seq_dim is not None else []
+    @property
+    def where(self) -> str:
+        if self.module is None: return f"output[{KINDS[self.kind].item}]"
+        item = self.item is not None and activation_item(self.module) is None  # an item the class does not define
+        return type(self.module).__name__ + (f", item {self.item!r}" if item else '') + \
+            ('' if self.call is None else f", call {self.call!r}")
+
+    def line(self, coef=None) -> str:
+        "One line of `places`: what is read, with `coef` (its coefficient as given) where known, its axes and why"
+        axes = [f"time axis {self.seq_dim} ({self.axis_why})"] if self.seq_dim is not None and self.kind == 'tar' \
+            else []
         if self.feature_dim != -1: axes.append(f"feature axis {self.feature_dim}")
-        return (f"{self.kind.upper()} {self.name or '<model>'} ({where}): {self.coef_arg}={describe_coef(self.coef)}"
-                f"{off}; {'; '.join(axes + [self.why])}")
+        weight = [] if coef is None else [f"{self.coef_arg}={describe_coef(coef)}" + (
+            ' (off in training)' if not callable(coef) and coef == 0 else '')]
+        return f"{self.kind.upper()} {self.name or '<model>'} ({self.where}): {'; '.join(weight + axes + [self.why])}"
+
+    def __repr__(self): return self.line()
+
+
+@dataclass
+class Contract:
+    "A forward's fastai `(logits, raw, dropped)`, with `raw` and `dropped` as lists of one tensor per layer."
+    logits: Tensor
+    raw: list
+    dropped: list
+    per_layer: bool  # the model returned lists (one tensor per layer), not single tensors
+    producers: list  # per layer, the recurrent module whose output `raw` is in this forward (None where none is)
+
+
+@dataclass(eq=False)
+class Plan:
+    "The settled reads for one model, and what they were settled for."
+    reads: list
+    request: Request
+    contract: bool  # the reads take fastai's (logits, raw, dropped) from the output
+    fingerprint: tuple
+    watch: list = field(repr=False)  # the modules whose calls each forward needs
+    notes: list = field(default_factory=list)  # (key, message): what to say once
+
+    def __str__(self): return '\n'.join(map(repr, self.reads))
+
+    def on(self, model: nn.Module) -> 'Plan':
+        "This plan on a model of the same structure (an EMA copy of it): each module read by its name there"
+        named, moved = dict(model.named_modules()), {}
+        def move(r):
+            if r is not None and id(r) not in moved:
+                moved[id(r)] = replace(r, module=None if r.module is None else named[r.name], via=move(r.via))
+            return None if r is None else moved[id(r)]
+        reads = [move(r) for r in self.reads]
+        watch = [r.module for r in reads if r.module is not None] + [r.via.module for r in reads if r.via]
+        return Plan(reads, self.request, self.contract, fingerprint(model), list({id(m): m for m in watch}.values()))
 
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -117,55 +187,175 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def fingerprint(model: nn.Module) -> tuple:
-    "The identity of every module: a plan is kept while it holds (a module added, removed or swapped changes it)."
+    "The identity of every module: a plan holds while it does (a module added, removed or swapped changes it)."
     return tuple(map(id, model.modules()))
 
 
-# --- layouts --------------------------------------------------------------------------------------------
-_STOCK_RNN = {nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward}
-_STOCK_CELL = {nn.RNNCell.forward, nn.LSTMCell.forward, nn.GRUCell.forward}
+def structure(model: nn.Module) -> tuple:
+    "Every module's name and class: a copy of a model (an EMA copy) has its structure, and the plan reads it alike"
+    return tuple((n, type(m)) for n, m in unwrap_model(model).named_modules())
 
 
-def module_layout(module: nn.Module) -> tuple[int, bool, str] | None:
-    "`(time axis, one step per call, why)` where the module's own forward makes it certain; None otherwise."
-    fastai = fastai_layout(module)
-    if fastai is not None:
-        inner, axis = fastai
-        if axis is not None: return axis, False, "fastai's text modules are batch-first"
-        module = inner  # fastai's WeightDropout runs the RNN it wraps
-    forward = type(module).forward
-    if forward in _STOCK_RNN: return (1 if module.batch_first else 0), False, f"batch_first={module.batch_first}"
-    if forward in _STOCK_CELL: return 1, True, "a cell: one step per call, joined in call order"
-    return None
+def describe(x) -> str:
+    "A short description of an output for messages: `tuple of 2 (float32 tensor (4, 12, 30), list of 1 (...))`"
+    if isinstance(x, Tensor): return f"{x.dtype} tensor {tuple(x.shape)}"
+    if isinstance(x, PackedSequence): return "PackedSequence"
+    if isinstance(x, dict): return f"{type(x).__name__} of {len(x)} ({', '.join(f'{k!r}: ' + describe(v) for k, v in x.items())})"
+    if isinstance(x, (list, tuple)): return f"{type(x).__name__} of {len(x)} ({', '.join(map(describe, x))})"
+    return type(x).__name__
 
 
-def _layout(read: Read, req: Request, module: nn.Module | None, seen: tuple | None = None,
-            default: tuple | None = None):
-    "Set `read`'s axes: the user's first, then what the forward showed (`seen`), the module's own, `default`."
+# --- what the settling forward showed --------------------------------------------------------------------------------
+def _top_recurrent(model: nn.Module) -> list:
+    "`(name, module)` of each recurrent module that is not inside another one, in declaration order"
+    found, inside = [], set()
+    for n, m in model.named_modules():
+        if id(m) in inside: continue
+        if is_recurrent(m):
+            found.append((n, m))
+            inside.update(id(s) for s in m.modules())
+    return found
+
+
+def _parents(model: nn.Module) -> dict:
+    "id of each module -> (name, module) of the module that holds it"
+    return {id(c): (n, m) for n, m in model.named_modules() for c in m.children()}
+
+
+def settle_watch(model: nn.Module, req: Request) -> list:
+    """The modules the settling forward is watched on: those named, every recurrent module and dropout, and the
+    modules holding the named and recurrent ones (to tell why a module's hooks did not fire)"""
+    model = unwrap_model(model)
+    named = [_lookup(model, s, KINDS[k].spec_arg)[1] for k in KINDS for s in module_specs(req.spec(k))]
+    some = named + [m for m in model.modules() if is_recurrent(m) or is_dropout(m)]
+    parents = _parents(model)
+    some += [parents[id(m)][1] for m in some if id(m) in parents]
+    # not the model itself: its forward is the capture's own, and a hook on a compiled model's module is traced apart
+    return [m for m in {id(m): m for m in some}.values() if m is not model]
+
+
+def _graded(calls: list, training: bool) -> list:
+    "The calls that count: in training, those with gradient (a no-grad burn-in call is skipped)"
+    return [c for c in calls if c[5]] if training else calls
+
+
+def _activation(call, item):
+    out = call[3] if item is None else call[3][item]
+    return out.data if isinstance(out, PackedSequence) else out
+
+
+def sequences(module: nn.Module, calls: list) -> list:
+    """The calls as sequences: a call whose state argument *is* an earlier call's state output continues that call's
+    sequence (a decoder stepping); every other call begins one. Calls on `nn.DataParallel`'s replicas (a call's
+    `called` module) are shards of one call: each shard has sequences of its own. Each is a list of calls in order."""
+    seqs, ends = [], {}  # (shard, id of a sequence's last state out) -> the sequence
+    for c in calls:
+        states = state_tensors(module, c[1], c[2], c[3])
+        seq = None if states is None or states[0] is None else ends.pop((id(c[6]), id(states[0])), None)
+        if seq is None: seqs.append(seq := [])
+        seq.append(c)
+        if states is not None and states[1] is not None: ends[(id(c[6]), id(states[1]))] = seq
+    return seqs
+
+
+def one_sequence(module: nn.Module, calls: list) -> bool:
+    "Whether the calls are one call, or the steps of one sequence, on each shard"
+    return len(sequences(module, calls)) == len({id(c[6]) for c in calls})
+
+
+def _describe_calls(module, calls: list, sources: dict) -> str:
+    """The calls of a module: its sequences of steps where it has several, else each call's input (named by the module
+    that returned it, where a watched one did) and output; the first few"""
+    seqs = sequences(module, calls)
+    if len(seqs) < len(calls):
+        index = {id(c): i for i, c in enumerate(calls)}
+        return f"{len(seqs)} sequences of steps (calls " + '; '.join(
+            ', '.join(str(index[id(c)]) for c in s) for s in seqs[:4]) + (', ...' if len(seqs) > 4 else '') + ')'
+    def one(i, c):
+        x = first_tensor(c[1]) if c[1] else None
+        src = sources.get(id(x))
+        inp = f"the output of {src}" if src else describe(x) if x is not None else 'no tensor'
+        return f"call {i}: input {inp}, output {describe(c[3])}"
+    return '; '.join(one(i, c) for i, c in enumerate(calls[:6])) + ('; ...' if len(calls) > 6 else '')
+
+
+class _Seen:
+    "What the settling forward showed: the calls of each watched module, and the names to say them by"
+    def __init__(self, model, fwd, training: bool, compiled: bool = False):
+        self.model, self.fwd, self.training, self.compiled = model, fwd, training, compiled
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.sources = {}  # id of a tensor a watched module returned -> "name (Class)"
+        for c in fwd.calls:
+            t = first_tensor(c[3])
+            if isinstance(t, Tensor): self.sources.setdefault(id(t), self.say(c[0]))
+
+    def say(self, module) -> str: return f"{self.names.get(id(module), '?')!r} ({type(module).__name__})"
+    def calls(self, module) -> list: return _graded(self.fwd.of(module), self.training)
+
+    def why_silent(self, module, arg: str) -> str:
+        "Why a module read has no call: a holder that ran called its forward directly, or the forward never called it"
+        parents = _parents(self.model)
+        holder = parents.get(id(module))
+        while holder is not None and not self.fwd.of(holder[1]): holder = parents.get(id(holder[1]))
+        if holder is not None and holder[1] is not self.model:
+            return (f"it did not run through its hooks, though {self.say(holder[1])}, which holds it, "
+                    f"ran: it calls {self.names[id(module)]!r}'s forward directly (`module.forward(...)`, as "
+                    f"awd-lstm-lm's WeightDrop does), which skips forward hooks. Name {holder[0]!r} in {arg}= instead "
+                    "(with seq_dim= for TAR: its layout is its own)")
+        if self.compiled:  # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards)
+            return ("it did not run through its hooks: the model is compiled (torch.compile) and its compiled code was "
+                    "traced before the callback added its hooks, so it does not call them. Call "
+                    "torch.compiler.reset() before this fit, or attach TARCallback before the compiled model's first "
+                    "forward")
+        if self.fwd.of(module) and self.training:
+            return ("it ran only without gradient in the training forward, so the penalty could not train it: "
+                    "torch.no_grad() around it, or torch.utils.checkpoint(..., use_reentrant=True), which runs the "
+                    "forward without gradient (use use_reentrant=False)")
+        return f"the learner's forward did not call it: name modules that run in the forward in {arg}="
+
+
+# --- layouts ---------------------------------------------------------------------------------------------------------
+def _layout(read: Read, req: Request, known: tuple | None, maker: nn.Module | None = None) -> Read | None:
+    """Set `read`'s axes from the user's, checked against `known` (the module's own); None: TAR off, nothing to ask.
+    `maker`: the module that made the output (default: the read's), for messages."""
+    maker = maker if maker is not None else read.module
+    what = type(maker).__name__ if maker is not None else 'output'
     read.feature_dim = -1 if req.feature_dim is None else req.feature_dim
-    if not KINDS[read.kind].needs_time: return read
-    known = seen or (module_layout(module) if module is not None else None) or default
     if req.seq_dim is not None:
+        if known is not None and not known[1] and -3 <= req.seq_dim < 3 and known[0] != req.seq_dim % 3:
+            what = 'PackedSequence' if 'PackedSequence' in known[2] else f"output ({what})"
+            raise ValueError(
+                f"seq_dim={req.seq_dim} contradicts the time axis of {read.name}'s {what}, which is {known[0]} "
+                f"({known[2]}): leave seq_dim out, or name a module whose output has its time axis at "
+                f"{req.seq_dim} in {KINDS[read.kind].spec_arg}=")
         read.seq_dim, read.axis_why, read.axes_given = req.seq_dim, f"seq_dim={req.seq_dim}, yours", True
         # a cell's calls have no time axis whatever the user says: each is a step, joined along `seq_dim`
         if known is not None and known[1]: read.steps, read.axis_why = True, f"{read.axis_why}; a cell's steps"
         return read
-    if known is None and not may_be_on(read.coef): return None  # TAR off: nothing to ask for
-    if known is None:
-        what = type(module).__name__
-        own = ' has a forward of its own' if isinstance(module, nn.RNNBase) else ' is not a module whose layout ' \
-            'TARCallback knows (stock nn.RNN/LSTM/GRU and cells, fastai text modules)'
+    if known is not None:
+        read.seq_dim, read.steps, read.axis_why = known
+        return read
+    if KINDS[read.kind].needs_time and req.is_on(read.kind):
+        own = ' has a forward of its own' if isinstance(maker, (nn.RNNBase, nn.RNNCellBase)) else \
+            ' is not a module whose layout TARCallback knows (stock nn.RNN/LSTM/GRU and cells, fastai text modules)'
         raise ValueError(f"TARCallback cannot tell the time axis of {read.name} ({what})'s output for TAR: "
-                         f"{what}{own}. "
-                         "Pass seq_dim= (1: batch x time x features, 0: time x batch x features, 2 with feature_dim=1: "
-                         "batch x features x time)")
-    read.seq_dim, read.steps, read.axis_why = known
+                         f"{what}{own}. Pass seq_dim= (1: batch x time x features, 0: time x batch x features, 2 "
+                         "with feature_dim=1: batch x features x time)")
     return read
 
 
-# --- which modules ---------------------------------------------------------------------------------------
+
+def _module_layout(read: Read, calls: list) -> tuple | None:
+    packed = calls and isinstance(read.module, nn.Module) and isinstance(
+        calls[0][3] if read.item is None else calls[0][3][read.item], PackedSequence)
+    if packed: return 1, False, "a PackedSequence, unpacked batch-first"
+    return layout(read.module)
+
+
+# --- which modules ---------------------------------------------------------------------------------------------------
 def _lookup(model: nn.Module, spec, arg: str) -> tuple[str, nn.Module]:
-    "`(name, module)` for a module or a name of `model.named_modules()`."
+    "`(name, module)` for a module, a name of `model.named_modules()`, or a `Place` of either."
+    if isinstance(spec, Place): spec = spec.module
     named = dict(model.named_modules())
     if isinstance(spec, nn.Module):
         for n, m in named.items():
@@ -179,153 +369,274 @@ def _lookup(model: nn.Module, spec, arg: str) -> tuple[str, nn.Module]:
                      f"e.g. {some}")
 
 
-def _with_coefs(places: list, coef, arg: str, what: str) -> list:
-    "Pair each place with its coefficient: one per place from a list, else the same for all."
-    if not isinstance(coef, (list, tuple)): return [(p, coef) for p in places]
-    if len(coef) != len(places):
-        raise ValueError(f"{arg} has {len(coef)} coefficients but TARCallback reads {len(places)} {what}: give one "
-                         "per place, or a single number")
-    return list(zip(places, coef))
+def _coef_refs(req: Request, kind: str, n: int, what: str) -> list:
+    "Where each of `n` places of `kind` finds its coefficient: one per place from a list, else the same for all"
+    count = req.counts[list(KINDS).index(kind)]
+    arg = KINDS[kind].coef_arg
+    if count is None: return [(arg, None)] * n
+    if count != n:
+        raise ValueError(f"{arg} has {count} coefficients but TARCallback reads {n} {what}: give one per place, or "
+                         "a single number")
+    return [(arg, i) for i in range(n)]
 
 
-def _named_reads(model, req: Request, kind: str, seen_layout) -> list[Read]:
-    spec, arg = req.spec(kind), req.spec_arg(kind)
-    coef = req.coef(kind)
-    if isinstance(spec, dict) and arg == KINDS[kind].spec_arg: items = list(spec.items())  # its own coefficients
-    else: items = _with_coefs(module_specs(spec), coef, KINDS[kind].coef_arg, f"module(s) named in {arg}")
-    reads, seen = [], {}
-    for s, c in items:
-        name, module = _lookup(model, s, arg)
-        if id(module) in seen:
-            raise ValueError(f"{arg} names the module {name!r} twice ({describe_modules(seen[id(module)])} and "
-                             f"{describe_modules(s)}): each module is read once")
-        seen[id(module)] = s
-        reads.append(_layout(Read(kind, name, module, c, 'named', 'named by you'), req, module, seen_layout(module)))
+def _item(read: Read, spec, calls: list, seen: _Seen, arg: str):
+    "The item of the module's output that is read: yours, the class's, or the only float tensor in it"
+    known = activation_item(read.module)
+    given = spec.item if isinstance(spec, Place) else None
+    out = calls[0][3]
+    if given is not None:
+        try: x = out[given]
+        except (TypeError, IndexError, KeyError):
+            raise ValueError(f"{arg}: Place(item={given!r}) of {seen.say(read.module)}, but its output is a "
+                             f"{describe(out)}") from None
+        if not (isinstance(x, PackedSequence) or isinstance(x, Tensor) and x.is_floating_point()):
+            raise TypeError(f"{arg}: item {given!r} of {seen.say(read.module)}'s output is a {describe(x)}, not a "
+                            "float tensor")
+        return given, False
+    if known is not None: return known
+    if isinstance(out, (Tensor, PackedSequence)): return None, False
+    items = out.items() if isinstance(out, dict) else enumerate(out) if isinstance(out, (tuple, list)) else ()
+    found = [k for k, x in items if isinstance(x, PackedSequence) or isinstance(x, Tensor) and x.is_floating_point()]
+    if len(found) == 1: return found[0], False
+    if not found:
+        raise TypeError(f"TARCallback cannot read the output of {seen.say(read.module)}, a {describe(out)}: name "
+                        f"modules that return a float tensor, an (output, state) tuple or a PackedSequence in {arg}=")
+    name = seen.names[id(read.module)]
+    raise ValueError(f"{seen.say(read.module)} returns {len(found)} float tensors ({describe(out)}), and which one to "
+                     f"read cannot be told: pick one with {arg}=Place({name!r}, item=...), one of {found}")
+
+
+def _check_calls(read: Read, spec, calls: list, seen: _Seen, arg: str):
+    "The calls of a module read: one, the steps of one sequence, or the ones you picked; else an error naming each"
+    if not calls:
+        raise RuntimeError(f"TARCallback reads {read.name} ({type(read.module).__name__}) but "
+                           f"{seen.why_silent(read.module, arg)}")
+    read.call = spec.call if isinstance(spec, Place) else None
+    if read.call is not None:
+        select_calls(read, calls)  # checks the choice against this forward
+        return
+    if not one_sequence(read.module, calls):
+        raise ValueError(
+            f"{seen.say(read.module)} ran {len(calls)} times in one forward, and its calls are not the steps of one "
+            f"sequence: {_describe_calls(read.module, calls, seen.sources)}. Say which to read: {arg}=Place({read.name!r}, "
+            f"call=i) for call i, a list of them, or call='all' for each (TAR within each sequence)")
+
+
+def select_calls(read: Read, calls: list) -> list:
+    "The calls of `read` that `Place(call=)` picked, in call order"
+    choice = read.call
+    if choice is None or choice == 'all': return calls
+    picks = [choice] if isinstance(choice, int) else list(choice) if isinstance(choice, (list, tuple)) else None
+    if picks is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in picks):
+        raise TypeError(f"Place(call=) takes a call's index, a list of them, or 'all'; got {choice!r}")
+    if not all(-len(calls) <= i < len(calls) for i in picks):
+        raise ValueError(f"{read.name!r} ran {len(calls)} times in this forward, so Place(call={choice!r}) picks a "
+                         "call it did not make")
+    return [calls[i] for i in sorted({i % len(calls) for i in picks})]
+
+
+def _named_reads(model, req: Request, kind: str, seen: _Seen) -> list:
+    k = KINDS[kind]
+    specs = module_specs(req.spec(kind))
+    refs = [(k.spec_arg, s) for s in specs] if req.dicts[list(KINDS).index(kind)] else \
+        _coef_refs(req, kind, len(specs), f"module(s) named in {k.spec_arg}")
+    reads, taken = [], {}
+    for s, ref in zip(specs, refs):
+        name, module = _lookup(model, s, k.spec_arg)
+        if id(module) in taken and not isinstance(s, Place):
+            raise ValueError(f"{k.spec_arg} names the module {name!r} twice ({taken[id(module)]!r} and {s!r}): each "
+                             "module is read once")
+        taken[id(module)] = s
+        read = Read(kind, name, module, ref, 'named', 'named by you')
+        calls = seen.calls(module)
+        _check_calls(read, s, calls, seen, k.spec_arg)
+        read.item, read.masked = _item(read, s, select_calls(read, calls), seen, k.spec_arg)
+        reads.append(_layout(read, req, _module_layout(read, calls)))
     return [r for r in reads if r is not None]
 
 
-def _found_places(model, all_layers: bool) -> tuple[dict, str, tuple]:
-    "`{kind: [(name, module)]}`, why, and the names of the other modules it could have read, from the structure"
-    fastai = fastai_places(model, all_layers)
-    if fastai is not None:
-        tar, ar, why = fastai
-        return {'tar': tar, 'ar': ar}, why, ()
-    rnns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)] or \
-        [(n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNCellBase)]
-    if rnns:
-        kind = 'RNN' if isinstance(rnns[0][1], nn.RNNBase) else 'RNN cell'
-        deep = [n or type(m).__name__ for n, m in rnns if getattr(m, 'num_layers', 1) > 1]
-        if all_layers and deep:
-            raise ValueError(f"all_layers=True reads every layer, but {', '.join(deep)} is an {kind} module of several "
-                             "layers, which returns the last layer's output only: build one module per layer and "
-                             "pass all_layers=True (or name them in modules=), or use all_layers=False")
-        places = rnns if all_layers else rnns[-1:]
-        # the last of several is a choice the callback cannot be sure of: the plan names the others
-        others = () if all_layers else tuple(n for n, _ in rnns[:-1])
-        return {'tar': places, 'ar': places}, f"found: {'every' if all_layers else 'the last'} {kind} module", others
-    raise NothingToRegularize(
-        f"TARCallback found nothing to regularize in {type(model).__name__}: it looked for modules you named "
-        "(modules=, ar_modules=), fastai's (logits, raw, dropped) output, fastai's text modules (AWD_LSTM, "
-        "SentenceEncoder) and an nn.LSTM/GRU/RNN or its cell, and found none. Name the module(s) whose output is "
-        "the activation to regularize, with names from model.named_modules() or the modules themselves: "
-        "TARCallback(modules='encoder.rnn'), or modules=backbone with seq_dim=2, feature_dim=1 for a channels-first "
-        "time-series backbone (batch x features x time).")
+def _found_tar(model, req: Request, seen: _Seen) -> tuple[list, str, tuple]:
+    "`(name, module)` places of TAR from the structure, why, and the other candidates where the last was taken"
+    tops = _top_recurrent(model)
+    if not tops:
+        raise NothingToRegularize(
+            f"TARCallback found nothing to regularize in {type(model).__name__}: it looked for modules you named "
+            "(modules=, ar_modules=), fastai's (logits, raw, dropped) output, fastai's text modules (AWD_LSTM, "
+            "SentenceEncoder) and an nn.LSTM/GRU/RNN or its cell, and found none. Name the module(s) whose output is the activation to "
+            "regularize, with names from model.named_modules() or the modules themselves: "
+            "TARCallback(modules='encoder.rnn'), or modules=backbone with seq_dim=2, feature_dim=1 for a "
+            "channels-first time-series backbone (batch x features x time).")
+    if not req.all_layers:
+        others = tuple(n or type(m).__name__ for n, m in tops[:-1])
+        last = tops[-1][1]
+        why = "found: fastai's classifier encoder, with its padding mask" if (activation_item(last) or (0, 0))[1] \
+            else "found: fastai's AWD_LSTM" if isinstance(last, fastai_class('AWD_LSTM') or ()) \
+            else "found: the last RNN module"
+        return tops[-1:], why, others
+    if any(isinstance(m, fastai_class('SentenceEncoder') or ()) for _, m in tops):
+        raise ValueError("all_layers=True needs the per-layer outputs of an AWD_LSTM, but a classifier's "
+                         "SentenceEncoder joins its bptt chunks only at its output: use all_layers=False")
+    deep = [n or type(m).__name__ for n, m in tops if getattr(m, 'num_layers', 1) > 1]
+    if deep:
+        raise ValueError(f"all_layers=True reads every layer, but {', '.join(deep)} is an RNN module of several "
+                         "layers, which returns the last layer's output only: build one module per layer and pass "
+                         "all_layers=True (or name them in modules=), or use all_layers=False")
+    places, awd = [], fastai_class('AWD_LSTM') or ()
+    for n, m in tops:  # fastai's AWD_LSTM: each of its layers
+        places += [(f"{n + '.' if n else ''}rnns.{i}", r) for i, r in enumerate(m.rnns)] if isinstance(m, awd) else \
+            [(n, m)]
+    return places, "found: each layer of fastai's AWD_LSTM" if any(isinstance(m, awd) for _, m in tops) else \
+        "found: every RNN module", ()
 
 
-def module_reads(
-    model: nn.Module,  # the learner's model
-    req: Request,  # the user's arguments
-    kinds: list,  # the kinds to read from modules
-    packed: set = frozenset(),  # ids of the modules that returned a PackedSequence in the first training forward
-) -> list[Read]:
-    "The reads that need no forward but for the layout of a module that returns a PackedSequence."
-    model = unwrap_model(model)
-    seen_layout = lambda m: (1, False, "a PackedSequence, unpacked batch-first") if id(m) in packed else None
-    reads = [r for k in kinds if req.spec(k) is not None for r in _named_reads(model, req, k, seen_layout)]
-    unnamed = [k for k in kinds if req.spec(k) is None]
-    if unnamed:
-        places, why, others = _found_places(model, req.all_layers)
-        for k in unnamed:
-            for (name, module), c in _with_coefs(places[k], req.coef(k), KINDS[k].coef_arg, "layer(s)"):
-                read = Read(k, name, module, c, 'found', why, others=others)
-                reads.append(_layout(read, req, module, seen_layout(module)))
-    return by_kind([r for r in reads if r is not None])
+def _found_reads(model, req: Request, seen: _Seen) -> list:
+    places, why, others = _found_tar(model, req, seen)
+    reads = []
+    for (name, module), ref in zip(places, _coef_refs(req, 'tar', len(places), 'layer(s)')):
+        read = Read('tar', name, module, ref, 'found', why, others=others)
+        calls = seen.calls(module)
+        _check_calls(read, None, calls, seen, 'modules')
+        read.item, read.masked = _item(read, None, calls, seen, 'modules')
+        reads.append(_layout(read, req, _module_layout(read, calls)))
+    return reads
 
 
-def _contract_reads(contract: Contract, req: Request, kinds: list) -> list[Read]:
+def activations(read: Read, calls: list) -> list:
+    "The tensors a module read takes from its calls (a PackedSequence's data): what AR's dropout must receive"
+    return [_activation(c, read.item) for c in select_calls(read, calls)]
+
+
+def _ar_of(tar_reads: list, req: Request, seen: _Seen, model) -> tuple[list, list]:
+    "AR of each TAR read: the dropout whose input is what it reads, by identity; else what it reads (said once)"
+    reads, notes = [], []
+    refs = _coef_refs(req, 'ar', len(tar_reads), 'layer(s) for AR, one per place TAR reads')
+    for t, ref in zip(tar_reads, refs):
+        ids = {id(x) for x in activations(t, seen.calls(t.module))}
+        takers = {}
+        for c in seen.fwd.calls:
+            if is_dropout(c[0]) and c[1] and id(first_tensor(c[1])) in ids: takers.setdefault(id(c[0]), c[0])
+        if len(takers) > 1:
+            names = ', '.join(seen.say(m) for m in takers.values())
+            raise ValueError(f"AR reads the dropout of the output of {t.name!r}, and {len(takers)} dropouts take it "
+                             f"({names}): name the one to read in ar_modules=")
+        if takers:
+            (module,) = takers.values()
+            name = seen.names[id(module)]
+            read = Read('ar', name, module, ref, t.source, f"{'found: ' if t.source == 'found' else ''}the dropout "
+                        f"that takes the output of {t.name or '<model>'}", via=t,
+                        seq_dim=t.seq_dim, axis_why=t.axis_why, axes_given=t.axes_given, steps=t.steps,
+                        feature_dim=t.feature_dim)
+        else:
+            fastai = t.masked  # a fastai classifier: its own (logits, raw, dropped) has dropped = raw
+            read = Read('ar', t.name, t.module, ref, t.source, t.why if fastai else
+                        f"{t.why}; no dropout takes its output, so AR reads it raw",
+                        item=t.item, masked=t.masked, call=t.call, seq_dim=t.seq_dim, axis_why=t.axis_why,
+                        axes_given=t.axes_given, steps=t.steps, feature_dim=t.feature_dim, others=t.others)
+            if not fastai and req.is_on('ar'):
+                notes.append(('ar raw', f"TARCallback: no dropout module takes the output of {t.name!r} "
+                              f"({type(t.module).__name__}), so AR reads it raw (Merity reads AR after the output "
+                              "dropout): name the module to read in ar_modules=, or pass alpha=0 to leave AR out"))
+        reads.append(read)
+    return reads, notes
+
+
+def _contract_reads(contract: Contract, req: Request, kinds: list, batch_size: int | None) -> list:
     "AR of `dropped` and TAR of `raw`: the last layer, as fastai's RNNRegularizer, or each one (`all_layers`)"
     n = len(contract.raw)
     layers = list(range(n)) if req.all_layers else [n - 1]
     reads = []
     for k in kinds:
         base = KINDS[k].item_name
-        for i, c in _with_coefs(layers, req.coef(k), KINDS[k].coef_arg, f"layer(s) of the model's {base} output"):
+        for i, ref in zip(layers, _coef_refs(req, k, len(layers), f"layer(s) of the model's {base} output")):
             producer = contract.producers[i]
-            read = Read(k, f'{base}.{i}' if req.all_layers else base, None, c, 'contract',
+            read = Read(k, f'{base}.{i}' if req.all_layers else base, None, ref, 'contract',
                         "fastai's (logits, raw, dropped)", layer=i)
-            # the layout of the RNN that returned raw; fastai's (batch-first) where no recurrent module did
-            default = (1, False, "fastai's contract is batch-first") if producer is None else None
-            reads.append(_layout(read, req, producer, default=default))
-    return reads
-
-
-@dataclass(eq=False)
-class Plan:
-    "The settled reads for one model, with what the model was when they were settled."
-    reads: list
-    contract: bool  # the first training forward returned fastai's (logits, raw, dropped) for certain
-    request: Request  # the arguments it was settled for: changing one settles it again
-    fingerprint: tuple
-    model: Any = field(repr=False)  # a weak reference to the learner's model
-    recurrent: list | None = field(default=None, repr=False)  # the model's recurrent modules, once looked up
-
-    def holds_for(self, model, request: Request) -> bool:
-        return self.model() is model and self.request == request and self.fingerprint == fingerprint(model)
-
-    def __str__(self): return '\n'.join(map(repr, self.reads))
+            h = getattr(contract, base)[i]
+            if producer is not None: known = layout(producer)  # the layout of the RNN that returned raw
+            elif req.seq_dim is not None or h.dim() < 3: known = None  # your word; or no time axis to find
+            elif batch_size is not None and h.shape[0] != batch_size:
+                # fastai's contract is batch-first: a first axis that is not the batch refuses that
+                raise ValueError(
+                    f"TARCallback reads {k.upper()} from the model's {base} (output[{KINDS[k].item}]), a "
+                    f"{describe(h)}, as fastai's batch-first (logits, raw, dropped), but its first axis is not the "
+                    f"batch of {batch_size}: pass seq_dim= naming its time axis (0 for time x batch x features)")
+            else: known = (1, False, "fastai's contract is batch-first")
+            if known is None and KINDS[k].needs_time and req.seq_dim is None and h.dim() < 3 and req.is_on(k):
+                raise ValueError(f"TARCallback reads TAR from the model's {base}, a {h.dtype} tensor "
+                                 f"{tuple(h.shape)} without a time axis (fastai's contract is batch x time x "
+                                 "features): set beta=0 to read AR only, pass seq_dim= naming its time axis, or "
+                                 "return raw with a time axis")
+            reads.append(_layout(read, req, known, producer))
+    return [r for r in reads if r is not None]
 
 
 def settle(
-    model: nn.Module,  # the learner's model
-    req: Request,  # the user's arguments
-    contract: Contract | None,  # the first training forward's output, when it is fastai's contract for certain
-    packed: set = frozenset(),  # ids of the modules that returned a PackedSequence in that forward
+    model: nn.Module,  # the model (DDP, DataParallel and compile wrappers are looked through)
+    req: Request,  # what to read
+    fwd,  # the settling forward (`capture.Forward`), watched on `settle_watch(model, req)`
+    contract: Contract | None = None,  # fastai's contract, where that forward returned it and it is to be read
+    batch_size: int | None = None,  # the batch's size, where known: refuses a batch-first guess it contradicts
 ) -> Plan:
     "The plan: the rule of this module's docstring."
     inner = unwrap_model(model)
-    unnamed = [k for k in KINDS if req.spec(k) is None]
-    classifier = is_fastai_classifier(inner)
-    from_output = [] if contract is None or classifier else unnamed
+    seen = _Seen(inner, fwd, fwd.training, any(hasattr(m, '_orig_mod') for m in model.modules()))
+    # the contract's items, except where raw came from a module whose output carries the padding (fastai's classifier
+    # encoder): that module is read instead, with its mask
+    from_output = contract is not None and not any(p is not None and (activation_item(p) or (0, False))[1]
+                                                    for p in contract.producers)
     if from_output and req.all_layers and not contract.per_layer:
-        if fastai_places(inner, False) is None:
+        if not any(isinstance(m, fastai_class('AWD_LSTM') or ()) for m in inner.modules()):
             raise ValueError("all_layers=True reads each layer, but the model returns fastai's (logits, raw, dropped) "
                              "with single tensors (one layer) and has no AWD_LSTM whose layers could be read: use "
                              "all_layers=False, return per-layer lists, or name the modules in modules=")
-        from_output = []  # an AWD_LSTM: its layers are hooked
-    reads = module_reads(model, req, [k for k in KINDS if k not in from_output], packed)
-    if from_output: reads = by_kind(reads + _contract_reads(contract, req, from_output))
-    return Plan(reads, contract is not None, req, fingerprint(model), weakref.ref(model))
+        from_output = False  # an AWD_LSTM: its layers are read
+    tar = _named_reads(inner, req, 'tar', seen) if req.modules is not None else \
+        _contract_reads(contract, req, ['tar'], batch_size) if from_output else _found_reads(inner, req, seen)
+    notes = []
+    if req.ar_modules is not None: ar = _named_reads(inner, req, 'ar', seen)
+    elif from_output: ar = _contract_reads(contract, req, ['ar'], batch_size)
+    else: ar, notes = _ar_of([t for t in tar if t.module is not None], req, seen, inner)
+    many = next((r for r in tar if r.others), None)
+    if many is not None and req.modules is None:
+        notes.append(('several', f"TARCallback found {len(many.others) + 1} recurrent modules and reads the last one, "
+                      f"{many.name!r} ({', '.join(many.others)} too): name the one to read in modules= (or pass "
+                      "all_layers=True to read each)"))
+    reads = ar + tar
+    watch = [r.module for r in reads if r.module is not None] + [r.via.module for r in reads if r.via is not None]
+    if contract is not None: watch += [p for p in contract.producers if p is not None]
+    return Plan(reads, req, contract is not None, fingerprint(inner), list({id(m): m for m in watch}.values()), notes)
 
 
-def watched_modules(model: nn.Module, req: Request) -> list:
-    "The modules the plan may read, before it is settled: named ones, and those found from the structure"
-    model = unwrap_model(model)
-    named = [_lookup(model, s, req.spec_arg(k))[1] for k in KINDS for s in module_specs(req.spec(k))]
-    try: found = [m for k in KINDS if req.spec(k) is None for _, m in _found_places(model, req.all_layers)[0][k]]
-    except NothingToRegularize: found = []  # the output may be fastai's contract; else the error comes when settled
-    return named + found
-
-
-def describe_candidates(model: nn.Module, req: Request) -> str:
-    "Before the first training forward: what the plan would read, with both candidates where the contract may apply"
-    try: lines = [repr(r) for r in module_reads(model, req, list(KINDS))]
-    except ValueError as e: lines = [f"nothing: {e}"]
+def describe_candidates(
+    model: nn.Module,  # the model, before its first training forward
+    req: Request,  # what to read
+    coefs: dict,  # kind -> its coefficient as given, for the lines
+) -> str:
+    "Before the first training forward: what the plan will read, as far as the model's structure says"
+    inner = unwrap_model(model)
     unnamed = [k for k in KINDS if req.spec(k) is None]
-    classifier = is_fastai_classifier(unwrap_model(model))
-    if not unnamed or req.contract is False or classifier: return '\n'.join(lines)
-    every = 'every layer of ' if req.all_layers else ''
-    head = [f"if the model's forward returns fastai's (logits, raw, dropped)"
-            f"{' with per-layer lists' if req.all_layers else ''}:"]
-    head += [f"  {k.upper()} {every}{KINDS[k].item_name} (output[{KINDS[k].item}]): "
-             f"{KINDS[k].coef_arg}={describe_coef(req.coef(k))}" for k in unnamed]
-    return '\n'.join(head + ["otherwise, found from the model's structure:"] + [f"  {line}" for line in lines])
+    weight = lambda k: f"{KINDS[k].coef_arg}={describe_coef(coefs[k])}"
+    lines = []
+    if unnamed and req.contract is not False:
+        lines += ["if the model's forward returns fastai's (logits, raw, dropped)"
+                  f"{' with per-layer lists' if req.all_layers else ''}:"]
+        lines += [f"  {k.upper()} {'every layer of ' if req.all_layers else ''}{KINDS[k].item_name} "
+                  f"(output[{KINDS[k].item}]): {weight(k)}" for k in unnamed]
+        lines.append("otherwise, found from the model's structure:")
+    indent = '  ' if lines else ''
+    for k in KINDS:
+        spec = req.spec(k)
+        if spec is not None:
+            names = ', '.join(_lookup(inner, s, KINDS[k].spec_arg)[0] for s in module_specs(spec))
+            lines.append(f"{indent}{k.upper()} {names}: {weight(k)}; named by you")
+        elif k == 'ar':
+            lines.append(f"{indent}AR the dropout that takes the output TAR reads, else that output: {weight(k)}")
+        else:
+            tops = _top_recurrent(inner)
+            found = ', '.join(f"{n or '<model>'} ({type(m).__name__})" for n, m in
+                              (tops if req.all_layers else tops[-1:])) or 'none found'
+            lines.append(f"{indent}TAR {'each of ' if req.all_layers else 'the last RNN module, '}{found}: "
+                         f"{weight(k)}" + (f" (of {len(tops)} recurrent modules)" if len(tops) > 1 and
+                                           not req.all_layers else ''))
+    return '\n'.join(lines + ["(settled at the first training batch)"])

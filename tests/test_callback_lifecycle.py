@@ -21,7 +21,7 @@ from fastai.text.all import (AWD_LSTM, Callback, CancelBatchException, CancelEpo
                              RNNRegularizer, SGD, language_model_learner, load_learner)
 
 from fastai_tar import TARCallback
-from fastai_tar.columns import PenaltyColumn
+from fastai_tar.report import PenaltyColumn
 
 from conftest import (AliveAfterBatch, Boom, Capture, LossSpy, SL, VOCAB, hook_ids, lm_dls, penalty, quiet_fit, ref_ar,
                       ref_penalty, ref_tar, tiny_config, tiny_lm, torch_state)
@@ -130,7 +130,7 @@ def test_validation_and_get_preds_add_nothing_and_keep_nothing():
     assert preds.shape == (len(learn.dls.valid_ds), SL, VOCAB)  # the loss and get_preds saw only the logits
     assert len(spy.valid_added) == 2 * len(learn.dls.valid) and max(map(abs, spy.valid_added)) == 0.
     assert hook_ids(learn.model) == set()
-    assert learn.tar._stats == {}
+    assert learn.tar._batch == {}
 
 
 # --- summary(), cancelled fits, plain logits in eval, a Learner's own one_batch --------------------------------------

@@ -1,0 +1,175 @@
+"""One batch's reading: each read of the plan gathers its tensors from the forward's calls, checks that they are what
+the plan settled (the same modules ran, the same tensors were read, none changed in place since), and the penalty's
+sums are taken in as few autograd nodes as the reads allow. Torch only.
+
+A module's calls in one forward are read by the plan's rule (`fastai_tar.plan`): the one call, or the steps of one
+sequence (each call's state argument is the previous call's state output), joined in call order along the time
+axis; or the calls a `Place` picked, each sequence apart. Calls on `nn.DataParallel`'s replicas are shards of one
+call: each shard is read apart and the shards pool into one mean.
+"""
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .functional import ar_tar_sum_count
+from .module_facts import first_tensor
+from .plan import KINDS, activations, describe, one_sequence, select_calls, sequences
+
+__all__ = ['PlanBroken', 'gather', 'term_sums']
+
+
+class PlanBroken(RuntimeError):
+    "A batch's forward no longer does what the plan was settled on: its owner settles again or says why it cannot."
+
+
+def _unpack(read, out) -> tuple[Tensor, Tensor | None, bool]:
+    "`(h, mask, packed)` of a call's output: mask True where the position is real data"
+    x = out if read.item is None else out[read.item]
+    if isinstance(x, PackedSequence):
+        h, lengths = pad_packed_sequence(x, batch_first=True)
+        # the lengths are on the host: an asynchronous copy, so that no batch waits for the device
+        lengths = lengths.to(h.device, non_blocking=True)
+        return h, torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None], True
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise TypeError(f"TARCallback cannot read {read.name!r} ({read.where}): this batch it returned a "
+                        f"{describe(x)}, where the plan read a float tensor")
+    return x, (~out[1] if read.masked else None), False
+
+
+def _check_unchanged(read, t, version):
+    "The tensor must be as it left the module: an in-place op since then would change what the penalty reads."
+    if version is None or not isinstance(t, Tensor) or t._version == version: return
+    op = type(t.grad_fn).__name__ if t.grad_fn is not None else 'an in-place op'
+    raise RuntimeError(
+        f"TARCallback reads {read.name} ({read.kind.upper()}), but its output was changed in place after it left "
+        f"the module (its autograd history now ends in {op}: e.g. `out += x`, `out.relu_()` or "
+        "nn.ReLU(inplace=True)); the penalty would read the changed values. Make that op out-of-place "
+        "(`out = out + x`, inplace=False), or name the module whose output is the activation to regularize")
+
+
+def _axis(read, h: Tensor, packed: bool) -> int | None:
+    "The time axis of this call's `h`: the plan's, but a PackedSequence is unpacked batch-first by us."
+    if read.seq_dim is None: return None
+    if packed:
+        if read.axes_given and read.seq_dim % 3 != 1:
+            raise ValueError(f"seq_dim={read.seq_dim} contradicts the time axis of {read.name!r}'s PackedSequence, "
+                             "which TARCallback unpacks batch-first (time axis 1): leave seq_dim out")
+        return 1
+    if not read.axes_given and isinstance(read.module, nn.RNNBase) and h.dim() == 2: return 0  # unbatched (L, H)
+    if read.steps: return read.seq_dim  # a step has no time axis yet: it is inserted there
+    if not -h.dim() <= read.seq_dim < h.dim():
+        raise ValueError(f"TARCallback reads {read.name!r} along time axis {read.seq_dim} ({read.axis_why}), but its "
+                         f"output has shape {tuple(h.shape)}: pass seq_dim= naming its time axis")
+    return read.seq_dim % h.dim()
+
+
+def _part(read, calls: list) -> tuple:
+    "`(h, mask, seq_dim)` of one sequence of calls: a call alone, or steps joined in call order along the time axis"
+    parts = []
+    for c in calls:
+        h, mask, packed = _unpack(read, c[3])
+        _check_unchanged(read, first_tensor(c[3]), c[4])
+        sd = _axis(read, h, packed)
+        if read.steps and sd is not None:  # a cell's output has no time axis: each call is one step
+            h, mask = h.unsqueeze(sd), None if mask is None else mask.unsqueeze(sd)
+        parts.append((h, mask, sd))
+    if len(parts) == 1: return parts[0]
+    h0, m0, sd = parts[0]
+    if sd is None: raise PlanBroken(f"{read.name!r} ran {len(parts)} steps, which AR without a time axis cannot join")
+    if any(h.shape[:sd] + h.shape[sd + 1:] != h0.shape[:sd] + h0.shape[sd + 1:] or (m is None) != (m0 is None)
+           for h, m, _ in parts):
+        raise ValueError(f"TARCallback cannot join the steps of {read.name!r} into a sequence: their shapes differ "
+                         f"({sorted({tuple(h.shape) for h, _, _ in parts})})")
+    mask = None if m0 is None else torch.cat([m for _, m, _ in parts], sd - (sd > read.feature_dim % h0.dim()))
+    return torch.cat([h for h, _, _ in parts], sd), mask, sd
+
+
+def _module_parts(read, calls: list, training: bool, via_tensors: set | None) -> list:
+    "A module read's `(h, mask, seq_dim)` parts, by the plan's rule, from its calls in this forward"
+    if training: calls = [c for c in calls if c[5]]
+    if via_tensors is not None: calls = [c for c in calls if c[1] and id(first_tensor(c[1])) in via_tensors]
+    if not calls: return []
+    if via_tensors is not None:  # the dropout's calls that took what `via` read: a cell's steps joined, else apart
+        return [_part(read, calls)] if read.steps else [_part(read, [c]) for c in calls]
+    calls = select_calls(read, calls)
+    if read.call is None and not one_sequence(read.module, calls):
+        raise PlanBroken(f"{read.name!r} ran {len(calls)} times in this forward, and its calls are not the steps of "
+                         "one sequence, as they were when the plan was settled")
+    return [_part(read, s) for s in sequences(read.module, calls)]
+
+
+def _user_mask(read, parts: list, mask: Tensor) -> list:
+    "Each part's mask and-ed with the batch x time `mask`, in the part's own order of axes"
+    out = []
+    for h, m, sd in parts:
+        if sd is None:
+            raise ValueError(f"mask= is batch x time, but the time axis of {read.name!r} ({read.where}), which "
+                             f"{read.kind.upper()} reads, is not known: pass seq_dim=")
+        fd = read.feature_dim % h.dim()
+        if h.dim() != 3 or mask.dim() != 2:
+            raise ValueError(f"mask= of shape {tuple(mask.shape)} does not fit {read.name!r}, a tensor "
+                             f"{tuple(h.shape)} that {read.kind.upper()} reads: the mask is batch x time, and the "
+                             "read tensor batch, time and features")
+        bd = ({0, 1, 2} - {sd, fd}).pop()
+        if mask.shape != (h.shape[bd], h.shape[sd]):
+            raise ValueError(f"mask= of shape {tuple(mask.shape)} does not fit {read.name!r}, a tensor "
+                             f"{tuple(h.shape)} that {read.kind.upper()} reads: its batch x time is "
+                             f"{(h.shape[bd], h.shape[sd])}")
+        um = mask.to(h.device, non_blocking=True) if mask.device != h.device else mask
+        if bd > sd: um = um.T
+        out.append((h, um if m is None else m & um, sd))
+    return out
+
+
+def gather(
+    reads: list,  # the reads to take this batch (those that train, or all of them in validation)
+    fwd,  # the batch's `capture.Forward`
+    contract=None,  # the batch's `plan.Contract`, where the plan reads it
+    mask: Tensor | None = None,  # the batch's bool batch x time mask, True where a step is real
+    missing: list | None = None,  # outside training, the reads whose module did not run are put here and skipped
+) -> dict:
+    "read -> its `(h, mask, seq_dim)` parts this batch, checked against the plan"
+    parts, by_module = {}, {}
+    for c in fwd.calls: by_module.setdefault(id(c[0]), []).append(c)
+    for r in reads:
+        if r.module is None:
+            h = getattr(contract, KINDS[r.kind].item_name)[r.layer]
+            ps = [(h, None, None if r.seq_dim is None else _axis(r, h, False))]
+        else:
+            via = None
+            if r.via is not None:  # the calls whose input is what `via` reads, by identity
+                via_calls = by_module.get(id(r.via.module), [])
+                via = {id(x) for x in activations(r.via, [c for c in via_calls if c[5]] if fwd.training else via_calls)}
+            ps = _module_parts(r, by_module.get(id(r.module), []), fwd.training, via)
+            if not ps and missing is not None and not fwd.training:
+                missing.append(r)
+                continue
+            if not ps:
+                raise PlanBroken(f"{r.name!r} ({type(r.module).__name__}) did not run in this forward" if r.via is None
+                                 else f"no call of {r.name!r} took {r.via.name!r}'s output in this forward")
+        parts[r] = ps if mask is None else _user_mask(r, ps, mask)
+    return parts
+
+
+def term_sums(
+    parts: dict,  # read -> its `(h, mask, seq_dim)` parts (`gather`)
+) -> dict:
+    "read -> (sum, count) pooled over its parts; one AR and one TAR part together in one fused autograd node"
+    stats, reads = {}, [r for r in parts if parts[r]]
+    if len(reads) == 2 and all(len(parts[r]) == 1 for r in reads) and {r.kind for r in reads} == set(KINDS) and \
+            reads[0].feature_dim == reads[1].feature_dim:
+        ar, tar = sorted(reads, key=lambda r: r.kind != 'ar')
+        (a, am, _), (t, tm, sd) = parts[ar][0], parts[tar][0]
+        stats[ar], stats[tar] = ar_tar_sum_count(a, t, am, tm, seq_dim=sd, feature_dim=tar.feature_dim)
+        return stats
+    for r in reads:
+        for h, mask, sd in parts[r]:
+            pair = (None, h) if r.kind == 'tar' else (h, None)
+            masks = (None, mask) if r.kind == 'tar' else (mask, None)
+            ar, tar = ar_tar_sum_count(*pair, *masks, seq_dim=1 if sd is None else sd, feature_dim=r.feature_dim)
+            s, n = ar if r.kind == 'ar' else tar
+            if r in stats:
+                s0, n0 = stats[r]
+                s, n = s0 + s.to(s0.device), n0 + (n.to(s0.device) if isinstance(n, Tensor) else n)
+            stats[r] = (s, n)
+    return stats
