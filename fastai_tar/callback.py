@@ -72,7 +72,8 @@ class TARCallback(Callback):
 
     def _init_state(self):
         self.__dict__.update(_report=PenaltyReport(), _batch={}, _autocast=None, hooks=TARHooks(
-            None, *(self.__dict__[a] for a in _READ_ARGS[:-1]), contract=self.contract, on_raise=self._on_raise))
+            None, *(self.__dict__[a] for a in _READ_ARGS[:-1]), contract=self.contract, on_raise=self._on_raise,
+            owner='TARCallback'))
 
     def __setattr__(self, name, value):
         if name == 'learn' and value is None and self.learn is not None: self._recover()  # `learn.remove_cb`

@@ -14,6 +14,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from .arg_docs import add_arg_docs
 from .arguments import ALPHA, BETA, check_arguments
 from .capture import Capture
 from .functional import mean_of
@@ -28,6 +29,7 @@ __all__ = ['TARHooks']
 _READ_ARGS = ('alpha', 'beta', 'modules', 'ar_modules', 'all_layers', 'seq_dim', 'feature_dim', 'contract')
 
 
+@add_arg_docs
 class TARHooks:
     """Hooks on `model` that find the activations AR and TAR read (`places`), and after each training forward give
     `penalty()`, the weighted sum to add to the loss. A context manager: the hooks are on inside `with`, or from
@@ -46,6 +48,7 @@ class TARHooks:
         accept=None,  # called with the model at each forward: whether it counts (TARCallback's: the learner's own)
         on_raise=None,  # called when a forward raised
         contract: bool | None = None,  # fastai's (logits, raw, dropped): TARCallback's argument, read by the plan
+        owner: str = 'TARHooks',  # what messages call the one who asked (TARCallback's hooks: 'TARCallback')
     ):
         seq_dim, feature_dim = check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim,
                                                contract)
@@ -56,7 +59,7 @@ class TARHooks:
                              seq_dim=seq_dim, feature_dim=feature_dim, contract=contract, mask=mask, model=model)
         self.capture = Capture(accept, on_raise or (lambda cap: cap.forget()))
         self._plans = weakref.WeakKeyDictionary()  # model -> its Plan
-        self._request, self._said, self._last_places = None, set(), None
+        self._request, self._said, self._last_places, self.owner = None, set(), None, owner
         self.terms = {}  # the last penalty's weighted terms, detached: {'ar': ..., 'tar': ...}
 
     def __setattr__(self, name, value):
@@ -160,7 +163,13 @@ class TARHooks:
     def say_once(self, key: str, message: str):
         if key in self._said: return
         self._said.add(key)
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message.replace('TARCallback', self.owner), stacklevel=4)
+
+    def _as_owner(self, e: Exception) -> Exception:
+        "The messages of the plan and the reading name TARCallback's arguments; TARHooks takes the same ones"
+        if self.owner != 'TARCallback' and e.args and isinstance(e.args[0], str):
+            e.args = (e.args[0].replace('TARCallback', self.owner), *e.args[1:])
+        return e
 
     # --- one forward ----------------------------------------------------------------------------------------------
     def sums(self,
@@ -179,20 +188,24 @@ class TARHooks:
         settling = plan is None
         if settling:
             if not fwd.training: return {}, []
-            plan = self.settle(fwd, contract, batch_size)
+            try: plan = self.settle(fwd, contract, batch_size)
+            except (ValueError, TypeError, RuntimeError) as e: raise self._as_owner(e)
         coefs = []
         for r in plan.reads:  # (a loop, not a helper: this runs at every batch)
             arg, key = r.coef
             c = getattr(self, arg)
             if key is not None: c = c[key]
             coefs.append(coef_at(c, pct, r.coef_arg) if callable(c) else float(c))
-        reads = [r for r, c in zip(plan.reads, coefs) if c] if fwd.training else plan.reads
+        # a TAR without a time axis is off (its coefficient was 0 when settled), also for the validation metrics
+        reads = [r for r, c in zip(plan.reads, coefs) if (c or not fwd.training) and (r.kind != 'tar' or
+                                                                                     r.seq_dim is not None)]
         missing = []
         try: parts = gather(reads, fwd, contract, mask, missing)
         except PlanBroken as e:
             raise RuntimeError(f"TARCallback's plan, settled at the first training forward, reads:\n{plan}\nbut {e}: "
                                "a model whose forward changes what it runs needs the places named (modules=, "
                                "ar_modules=, Place(call=)) so that each batch reads the same") from None
+        except (ValueError, TypeError, RuntimeError) as e: raise self._as_owner(e)
         if missing:
             r = missing[0]
             self.say_once('valid calls', f"TARCallback(valid_metrics=True): {r.name} ({type(r.module).__name__}) did "

@@ -299,8 +299,8 @@ class _Seen:
         while holder is not None and not self.fwd.of(holder[1]): holder = parents.get(id(holder[1]))
         if holder is not None and holder[1] is not self.model:
             return (f"it did not run through its hooks, though {self.say(holder[1])}, which holds it, "
-                    f"ran: it calls {self.names[id(module)]!r}'s forward directly (`module.forward(...)`, as "
-                    f"awd-lstm-lm's WeightDrop does), which skips forward hooks. Name {holder[0]!r} in {arg}= instead "
+                    f"ran: it calls the forward of {self.names[id(module)]!r} directly (`module.forward(...)`, "
+                    f"as awd-lstm-lm's WeightDrop does), which skips forward hooks. Name {holder[0]!r} in {arg}= instead "
                     "(with seq_dim= for TAR: its layout is its own)")
         if self.compiled:  # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards)
             return ("it did not run through its hooks: the model is compiled (torch.compile) and its compiled code was "
@@ -315,8 +315,9 @@ class _Seen:
 
 
 # --- layouts ---------------------------------------------------------------------------------------------------------
-def _layout(read: Read, req: Request, known: tuple | None, maker: nn.Module | None = None) -> Read | None:
-    """Set `read`'s axes from the user's, checked against `known` (the module's own); None: TAR off, nothing to ask.
+def _layout(read: Read, req: Request, known: tuple | None, maker: nn.Module | None = None) -> Read:
+    """Set `read`'s axes from the user's, checked against `known` (the module's own); a TAR that is off and has no
+    layout to go by keeps no time axis (it reads nothing; it may still be what AR's dropout is found by).
     `maker`: the module that made the output (default: the read's), for messages."""
     maker = maker if maker is not None else read.module
     what = type(maker).__name__ if maker is not None else 'output'
@@ -453,7 +454,7 @@ def _named_reads(model, req: Request, kind: str, seen: _Seen) -> list:
         _check_calls(read, s, calls, seen, k.spec_arg)
         read.item, read.masked = _item(read, s, select_calls(read, calls), seen, k.spec_arg)
         reads.append(_layout(read, req, _module_layout(read, calls)))
-    return [r for r in reads if r is not None]
+    return reads
 
 
 def _found_tar(model, req: Request, seen: _Seen) -> tuple[list, str, tuple]:
@@ -568,7 +569,7 @@ def _contract_reads(contract: Contract, req: Request, kinds: list, batch_size: i
                                  "features): set beta=0 to read AR only, pass seq_dim= naming its time axis, or "
                                  "return raw with a time axis")
             reads.append(_layout(read, req, known, producer))
-    return [r for r in reads if r is not None]
+    return reads
 
 
 def settle(

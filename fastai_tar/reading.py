@@ -52,7 +52,7 @@ def _axis(read, h: Tensor, packed: bool) -> int | None:
     if read.seq_dim is None: return None
     if packed:
         if read.axes_given and read.seq_dim % 3 != 1:
-            raise ValueError(f"seq_dim={read.seq_dim} contradicts the time axis of {read.name!r}'s PackedSequence, "
+            raise ValueError(f"seq_dim={read.seq_dim} contradicts the time axis of {read.name}'s PackedSequence, "
                              "which TARCallback unpacks batch-first (time axis 1): leave seq_dim out")
         return 1
     if not read.axes_given and isinstance(read.module, nn.RNNBase) and h.dim() == 2: return 0  # unbatched (L, H)
@@ -146,7 +146,7 @@ def gather(
                 continue
             if not ps:
                 raise PlanBroken(f"{r.name!r} ({type(r.module).__name__}) did not run in this forward" if r.via is None
-                                 else f"no call of {r.name!r} took {r.via.name!r}'s output in this forward")
+                                 else f"no call of {r.name!r} took the output of {r.via.name!r} in this forward")
         parts[r] = ps if mask is None else _user_mask(r, ps, mask)
     return parts
 

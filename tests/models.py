@@ -140,6 +140,17 @@ class PlainLM(Module):
     def forward(self, x): return self.h_o(self.drop(self.rnn(self.i_h(x))[0]))
 
 
+def cpu_replicas(module, n):
+    """What `nn.parallel.replicate` makes for `n` GPUs, on the CPU: every submodule copied by
+    `_replicate_for_data_parallel` (sharing the original's hook dicts), its parameters as non-leaf views."""
+    copies = [{m: m._replicate_for_data_parallel() for m in module.modules()} for _ in range(n)]
+    for memo in copies:
+        for m, r in memo.items():
+            for name, child in m._modules.items(): r._modules[name] = None if child is None else memo[child]
+            for name, p in m._parameters.items(): setattr(r, name, None if p is None else p.view_as(p))
+    return [memo[module] for memo in copies]
+
+
 def flat_params(model): return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
@@ -160,3 +171,92 @@ class GRULM(nn.Module):
         h = self.rnn(self.emb(x))[0]
         if self.in_place: h += 1.
         return self.head(h)
+
+
+# --- the AR/TAR paper's own code (salesforce/awd-lstm-lm, `locked_dropout.py`, `weight_drop.py`, `model.py`),
+# as written there up to what torch 2 needs (WeightDrop keeps its raw weight as a parameter and sets a plain tensor on
+# the module), and a fastai glue around it --------------------------------------------------------------------------
+class LockedDropout(nn.Module):
+    "awd-lstm-lm's variational dropout: one mask per sequence, the same at every step (time x batch x features)."
+    def forward(self, x, dropout=0.5):
+        if not self.training or not dropout: return x
+        m = x.data.new(1, x.size(1), x.size(2)).bernoulli_(1 - dropout)
+        return m.div(1 - dropout).expand_as(x) * x
+
+
+class WeightDrop(nn.Module):
+    "awd-lstm-lm's weight dropout: calls the wrapped module's `forward` directly, which skips its forward hooks."
+    def __init__(self, module, weights, dropout=0.):
+        super().__init__()
+        self.module, self.weights, self.dropout = module, weights, dropout
+        for name in weights:
+            w = getattr(module, name)
+            del module._parameters[name]
+            module.register_parameter(name + '_raw', nn.Parameter(w.data))
+
+    def _setweights(self):
+        for name in self.weights:
+            raw = getattr(self.module, name + '_raw')
+            setattr(self.module, name, nn.functional.dropout(raw, p=self.dropout, training=self.training))
+
+    def forward(self, *args):
+        self._setweights()
+        with torch.backends.cudnn.flags(enabled=False): return self.module.forward(*args)
+
+
+class AWDRNNModel(nn.Module):
+    """awd-lstm-lm's `RNNModel` (LSTM): sequence-first, one LockedDropout called four times per forward (the input, the
+    hidden outputs between layers, the last output), each layer a WeightDrop(LSTM); returns what `return_h` does."""
+    def __init__(self, ntoken, ninp=8, nhid=12, nlayers=3, dropout=0.4, dropouth=0.3, dropouti=0.65, wdrop=0.5):
+        super().__init__()
+        self.lockdrop, self.encoder = LockedDropout(), nn.Embedding(ntoken, ninp)
+        self.rnns = nn.ModuleList([WeightDrop(nn.LSTM(ninp if l == 0 else nhid, nhid if l != nlayers - 1 else ninp, 1),
+                                              ['weight_hh_l0'], dropout=wdrop) for l in range(nlayers)])
+        self.decoder = nn.Linear(ninp, ntoken)
+        self.dropout, self.dropouth, self.dropouti, self.nlayers = dropout, dropouth, dropouti, nlayers
+
+    def forward(self, input, hidden=None):
+        raw_output = self.lockdrop(self.encoder(input), self.dropouti)
+        hidden = hidden or [None] * self.nlayers
+        new_hidden, raw_outputs, outputs = [], [], []
+        for l, rnn in enumerate(self.rnns):
+            raw_output, new_h = rnn(raw_output, hidden[l])
+            new_hidden.append(new_h)
+            raw_outputs.append(raw_output)
+            if l != self.nlayers - 1:
+                raw_output = self.lockdrop(raw_output, self.dropouth)
+                outputs.append(raw_output)
+        output = self.lockdrop(raw_output, self.dropout)
+        outputs.append(output)
+        return output.view(output.size(0) * output.size(1), output.size(2)), new_hidden, raw_outputs, outputs
+
+
+class AWDGlue(nn.Module):
+    """awd-lstm-lm's model in a fastai Learner: batch-first tokens in, transposed for the sequence-first model; returns
+    (logits, raw, dropped) of the last layer as its `main.py` reads them (`rs_hidden[-1]`, `dropped_rs_hidden[-1]`),
+    both time x batch x features. `record` keeps them for the hand references."""
+    def __init__(self, ntoken, contract=True):
+        super().__init__()
+        self.model, self.contract, self.record = AWDRNNModel(ntoken), contract, []
+
+    def forward(self, x):
+        out, _, raws, drops = self.model(x.t())
+        logits = self.model.decoder(out).view(x.shape[1], x.shape[0], -1).transpose(0, 1)
+        self.record.append((raws[-1], drops[-1]))
+        return (logits, raws[-1], drops[-1]) if self.contract else logits
+
+
+class WordLM(nn.Module):
+    "PyTorch's word_language_model example: one `self.drop` on the embeddings and again on the LSTM's output."
+    def __init__(self, ntoken=VOCAB, ninp=8, nhid=12, dropout=0.5):
+        super().__init__()
+        self.drop, self.encoder = nn.Dropout(dropout), nn.Embedding(ntoken, ninp)
+        self.rnn, self.decoder = nn.LSTM(ninp, nhid, batch_first=True), nn.Linear(nhid, ntoken)
+        self.record = []
+
+    def forward(self, x):
+        emb = self.drop(self.encoder(x))
+        output, _ = self.rnn(emb)
+        dropped = self.drop(output)
+        self.record.append((output, dropped))
+        return self.decoder(dropped)

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from fastai.callback.schedule import SchedCos, SchedLin
 
-from fastai_tar.arguments import (ALPHA, BETA, _check_coef as check_coef, check_arguments, check_axis, coef_objects,
-                                  describe_modules, module_specs)
+from fastai_tar.arguments import (ALPHA, BETA, _check_coef as check_coef, check_arguments, check_axis, check_flags,
+                                  describe_modules)
+from fastai_tar.plan import Place, module_specs
 
 
 # --- coefficients ----------------------------------------------------------------------------------------------------
@@ -34,18 +35,15 @@ def test_lists_and_dicts_check_every_coefficient():
 
 def test_defaults_equal_fastais_and_are_told_apart_from_the_same_numbers():
     assert ALPHA == 2. and BETA == 1. and repr(ALPHA) == '2.0'
-    args = dict(alpha=2., ar_modules=None, all_layers=False, seq_dim=None, feature_dim=None, valid_metrics=False,
-                show_columns=True, contract=None)
+    args = dict(alpha=2., ar_modules=None, all_layers=False, seq_dim=None, feature_dim=None, contract=None)
     check_arguments(beta=BETA, modules={'rnn': 1.}, **args)  # the default beta: the dict gives the coefficients
     with pytest.raises(ValueError, match=r"^beta=1.0 and modules=\{'rnn': 1.0\} both give the coefficients"):
         check_arguments(beta=1., modules={'rnn': 1.}, **args)
 
 
-def test_coef_objects_lists_each_number_and_schedule_once_with_its_argument():
-    s = SchedLin(0., 1.)
-    got = coef_objects(2., [s, 0.5], {'rnn': s, 'x': 3.}, None)
-    assert [c for c, _ in got] == [2., s, 0.5, 3.]  # the schedule given twice is evaluated once per batch
-    assert [arg for c, arg in got if c is not s] == ['alpha', 'beta', 'modules'] and dict(got)[s] in ('beta', 'modules')
+def test_flags_are_true_or_false():
+    check_flags(valid_metrics=True, show_columns=False)
+    with pytest.raises(TypeError, match=r"^show_columns must be True or False, got 1"): check_flags(show_columns=1)
 
 
 # --- axes and module specs -------------------------------------------------------------------------------------------
@@ -63,8 +61,7 @@ def test_check_axis_refuses_what_is_not_an_integer(bad):
 
 
 def test_check_arguments_returns_python_int_axes_and_refuses_one_axis_for_both():
-    args = dict(alpha=2., beta=1., modules=None, ar_modules=None, all_layers=False, valid_metrics=False,
-                show_columns=True, contract=None)
+    args = dict(alpha=2., beta=1., modules=None, ar_modules=None, all_layers=False, contract=None)
     assert check_arguments(seq_dim=np.int64(2), feature_dim=torch.tensor(1), **args) == (2, 1)
     with pytest.raises(ValueError, match=r'^seq_dim=1 and feature_dim=1 name the same axis'):
         check_arguments(seq_dim=1, feature_dim=1, **args)
@@ -76,3 +73,7 @@ def test_module_specs_and_their_description():
     assert module_specs(['a', lstm]) == ['a', lstm] and module_specs({'a': 1., lstm: 2.}) == ['a', lstm]
     assert describe_modules('rnn') == "'rnn'" and describe_modules(['a', lstm]) == "['a', LSTM]"
     assert describe_modules({'a': 1., lstm: SchedCos(1., 0.)}) == "{'a': 1.0, LSTM: SchedCos(1.0, 0.0)}"
+    assert describe_modules([Place('drop', call=1), 'rnn']) == "[Place(module='drop', call=1, item=None), 'rnn']"
+    check_arguments(1., 1., [Place('drop', call=1), Place(lstm, item=0)], None, False, None, None)
+    with pytest.raises(TypeError, match=r"modules takes a module, a name from model.named_modules\(\), a Place"):
+        check_arguments(1., 1., Place(3), None, False, None, None)

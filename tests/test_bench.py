@@ -91,9 +91,8 @@ def test_small_ts_model_is_found_by_the_callback():
     from fastai.learner import Learner
     from fastai_tar import TARCallback
     learn = Learner(None, bench.SmallTSModel(), loss_func=torch.nn.CrossEntropyLoss(), cbs=TARCallback())
-    assert repr(learn.tar).endswith(': AR rnn (LSTM): alpha=2.0; found: the last RNN module; '
-                                    'TAR rnn (LSTM): beta=1.0; time axis 1 (batch_first=True); '
-                                    'found: the last RNN module')
+    assert repr(learn.tar).endswith('; TAR the last RNN module, rnn (LSTM): beta=1.0; (settled at the first training '
+                                    'batch)')
     assert bench.SmallTSModel()(torch.randn(5, 3, 100)).shape == (5, 4)
 
 

@@ -1,8 +1,8 @@
-"The fastai book's chapter 12 data built offline (`fastai_tar.tools.book`): the numbers in words, continuing streams"
+"The fastai book's chapter 12 data built offline (`fastai_tar.book`): the numbers in words, continuing streams"
 import pytest
 import torch
 
-from fastai_tar.tools.book import group_chunks, human_numbers, human_numbers_dls, number_words
+from fastai_tar.book import group_chunks, human_numbers, human_numbers_dls, number_words
 
 
 @pytest.mark.parametrize('n, words', [

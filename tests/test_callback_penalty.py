@@ -13,7 +13,7 @@ from torch import nn
 from fastai.text.all import (AWD_LSTM, Callback, CrossEntropyLossFlat, DataLoaders, Learner, SGD, get_text_classifier,
                              rnn_cbs)
 
-from fastai_tar import TARCallback
+from fastai_tar import Place, TARCallback
 
 from conftest import (Capture, LossSpy, PAD, SL, VOCAB, clas_dls, far, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty,
                       ref_tar, tiny_config, tiny_lm)
@@ -371,11 +371,18 @@ class TwoPassLSTM(NoDropoutLSTMLM):
         return self.head(torch.cat([self.lstm(e[:, :5])[0], self.lstm(e[:, 5:])[0]], 1))
 
 
-def test_named_module_called_twice_pools_both_calls():
-    "The penalty of a module called twice is the sums of both calls over their total count, not the last call's."
+def test_a_module_called_twice_is_asked_about_and_call_all_pools_both_calls():
+    """Two calls that do not chain are not one sequence: the error names both; `Place(call='all')` reads both, the sums
+    of both calls over their total count, not the last call's."""
+    learn = Learner(lm_dls(), TwoPassLSTM(), loss_func=CrossEntropyLossFlat(), cbs=TARCallback(2., 1., modules='lstm'))
+    with pytest.raises(ValueError, match=r"'lstm' \(LSTM\) ran 2 times in one forward.*call 0: .*call 1: .*"
+                                         r"modules=Place\('lstm', call=i\)"):
+        quiet_fit(learn)
     model = TwoPassLSTM()
     cap, grab = Capture(model.lstm), LossSpy(stop=1)
-    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(2., 1., modules='lstm'), grab])
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(),
+                    cbs=[TARCallback(2., 1., modules=Place('lstm', call='all'), ar_modules=Place('lstm', call='all')),
+                         grab])
     quiet_fit(learn)
     a, b = cap.outputs
     assert (a.shape[1], b.shape[1]) == (5, 7)

@@ -421,14 +421,17 @@ def test_any_integer_seq_dim(seq_dim):
     assert far(2 * ref_tar(cap.outputs[0], seq_dim=1), expected)
 
 
-def test_the_users_seq_dim_wins_over_the_modules_layout():
-    "seq_dim is the user's word on the time axis, also for a stock nn.LSTM (batch_first=True): TAR then runs along it."
+def test_a_seq_dim_that_contradicts_the_modules_layout_is_an_error_naming_both():
+    """A stock nn.LSTM(batch_first=True) is certain of its time axis: seq_dim=0 would take TAR across the batch. The
+    error names both axes; a seq_dim that agrees is taken."""
+    learn = Learner(lm_dls(), CheckpointLM(), loss_func=CrossEntropyLossFlat(), cbs=TARCallback(0., 1., seq_dim=0))
+    with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of lstm's output \(LSTM\), which is 1 "
+                                         r"\(batch_first=True\)"):
+        quiet_fit(learn)
     model, spy = CheckpointLM(), LossSpy(stop=1)
     cap = Capture(model.lstm)
-    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(0., 1., seq_dim=0), spy])
-    quiet_fit(learn)
-    assert spy.added[0] == penalty(ref_tar(cap.outputs[0], seq_dim=0))
-    assert 'time axis 0 (seq_dim=0, yours)' in learn.tar.places
+    quiet_fit(Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), cbs=[TARCallback(0., 1., seq_dim=1), spy]))
+    assert spy.added[0] == penalty(ref_tar(cap.outputs[0], seq_dim=1))
 
 
 def test_a_seq_dim_the_output_lacks_is_an_error():
@@ -441,22 +444,25 @@ def test_a_seq_dim_the_output_lacks_is_an_error():
 
 # --- places before the first training batch --------------------------------------------------------------------------
 def test_places_before_training_name_both_candidates_and_the_fit_settles_them(book_dls):
+    "Before a forward, what the structure says; the fit settles it: AR on the dropout that receives the LSTM's output"
     learn = Learner(book_dls, lmmodel7(book_dls), loss_func=CrossEntropyLossFlat(),
                     cbs=[ModelResetter(), TARCallback()])
-    found = "time axis 1 (batch_first=True); found: the last RNN module"
     candidates = ("if the model's forward returns fastai's (logits, raw, dropped):\n"
                   "  AR dropped (output[2]): alpha=2.0\n  TAR raw (output[1]): beta=1.0\n"
                   "otherwise, found from the model's structure:\n"
-                  f"  AR rnn (LSTM): alpha=2.0; found: the last RNN module\n  TAR rnn (LSTM): beta=1.0; {found}")
+                  "  AR the dropout that takes the output TAR reads, else that output: alpha=2.0\n"
+                  "  TAR the last RNN module, rnn (LSTM): beta=1.0\n(settled at the first training batch)")
     assert learn.tar.places == candidates
     plain = Learner(book_dls, PlainLM(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
     assert plain.tar.places == candidates  # before a forward, a model's output is not known
     quiet_fit(plain)
-    assert plain.tar.places == ("AR rnn (LSTM): alpha=2.0; found: the last RNN module\n"
+    found = "time axis 1 (batch_first=True); found: the last RNN module"
+    assert plain.tar.places == ("AR drop (Dropout): alpha=2.0; found: the dropout that takes the output of rnn\n"
                                 f"TAR rnn (LSTM): beta=1.0; {found}")
     named = Learner(book_dls, PlainLM(len(book_dls.vocab)), loss_func=CrossEntropyLossFlat(),
                     cbs=TARCallback(modules='rnn', ar_modules='drop'))
-    assert named.tar.places == ("AR drop (Dropout): alpha=2.0; named by you\n"  # named: nothing to decide
+    quiet_fit(named)
+    assert named.tar.places == ("AR drop (Dropout): alpha=2.0; named by you\n"
                                 "TAR rnn (LSTM): beta=1.0; time axis 1 (batch_first=True); named by you")
     assert TARCallback().places == "found when attached to a learner"
 
@@ -547,10 +553,12 @@ def test_arguments_changed_after_construction_are_read_and_checked():
     learn = Learner(_series_dls(), model, loss_func=_mse, cbs=[tar, spy])
     cap = Capture(model.cell)
     quiet_fit(learn)
-    tar.beta[0] = 7.  # changed in place: the plan is settled again with it
+    plan = tar.hooks.plan
+    tar.beta[0] = 7.  # changed in place: a coefficient, read at every batch; what is read stays
     spy.rows.clear()
     n = len(cap.outputs)
-    with pytest.warns(UserWarning, match='settled again'): quiet_fit(learn)
+    quiet_fit(learn)
+    assert tar.hooks.plan is plan
     steps = torch.stack(cap.outputs[n:n + 4], 1)  # the second fit's first batch
     assert spy.added[0] == penalty(7 * ref_tar(steps))
     tar.beta, tar.modules = 5., {'cell': 1.}  # a contradiction assigned: refused at the next fit, naming both

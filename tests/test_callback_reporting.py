@@ -232,8 +232,8 @@ def test_valid_metrics_not_computed_in_get_preds_or_validate(monkeypatch):
     tar = TARCallback(valid_metrics=True)
     learn = tiny_learner(tar)
     # The LM returns (logits, raw, dropped): the callback reads the terms there, then sums them in `term_sums`.
-    seen, term_sums = [], fastai_tar.callback.term_sums
-    monkeypatch.setattr(fastai_tar.callback, 'term_sums', lambda parts: seen.append(learn.training) or term_sums(parts))
+    seen, term_sums = [], fastai_tar.hooks.term_sums
+    monkeypatch.setattr(fastai_tar.hooks, 'term_sums', lambda parts: seen.append(learn.training) or term_sums(parts))
     quiet_fit(learn)
     assert set(seen) == {True, False}  # computed in training and validation
     seen.clear()
@@ -275,8 +275,8 @@ def test_history_moves_to_the_host_once_per_epoch_and_keeps_one_buffer():
         def before_fit(self): self.seen = []
         def after_batch(self):
             if self.training:
-                log = self.learn.tar._report.log
-                self.seen.append((len(log.values), log._n_buf, id(log._buf)))
+                log = self.learn.tar.log
+                self.seen.append((sum(len(g.values) for g in log.segments), log._n_buf, id(log._buf)))
     tar, watch = TARCallback(), Watch()
     learn = tiny_learner(tar, cbs=[watch])
     quiet_fit(learn, 2)
@@ -285,7 +285,7 @@ def test_history_moves_to_the_host_once_per_epoch_and_keeps_one_buffer():
     assert [v for v, _, _ in per_epoch[1]] == [3 * N_BATCHES] * N_BATCHES  # loss, ar, tar of each first-epoch batch
     assert [n for _, n, _ in watch.seen] == list(range(1, N_BATCHES + 1)) * 2
     assert len({b for _, _, b in per_epoch[0]}) == 1  # one buffer per epoch, not a tensor per batch
-    assert len(tar.history) == 2 * N_BATCHES and tar._report.log._buf is None
+    assert len(tar.history) == 2 * N_BATCHES and tar.log._buf is None
 
 
 # --- schedules -----------------------------------------------------------------------------------------------
@@ -398,12 +398,12 @@ def test_repr_says_what_is_hooked_and_with_which_coefficients():
     tar = TARCallback(beta=SchedLin(0., 1.))
     assert repr(tar) == "TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0))"
     learn = tiny_learner(tar)
-    found = "found: fastai's AWD_LSTM"
-    hooked = ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): "
-              f"AR 1.output_dp (RNNDropout): alpha=2.0; {found}; "
-              "TAR 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0); "
-              f"time axis 1 (fastai's text modules are batch-first); {found}")
-    assert repr(learn.tar) == hooked
+    before = ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): if the model's forward returns fastai's (logits, raw, "
+              "dropped):; AR dropped (output[2]): alpha=2.0; TAR raw (output[1]): beta=SchedLin(0.0, 1.0); otherwise, "
+              "found from the model's structure:; AR the dropout that takes the output TAR reads, else that output: "
+              "alpha=2.0; TAR the last RNN module, 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0); (settled at the first "
+              "training batch)")
+    assert repr(learn.tar) == before
     quiet_fit(learn)  # the LM returns (logits, raw, dropped): the fit read the terms there, not through hooks
     contract = "fastai's (logits, raw, dropped)"
     assert repr(learn.tar) == ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): "
@@ -423,10 +423,12 @@ def test_unattached_repr_shows_what_was_passed():
 
 def test_repr_of_several_layers_and_a_term_that_is_off():
     learn = tiny_learner(TARCallback(alpha=0., all_layers=True, valid_metrics=True))
+    quiet_fit(learn)
     found, axis = "found: each layer of fastai's AWD_LSTM", "time axis 1 (batch_first=True)"
+    dropout = "found: the dropout that takes the output of"
     assert repr(learn.tar) == ("TARCallback(alpha=0.0, beta=1.0, all_layers=True, valid_metrics=True): "
-                               f"AR 0.hidden_dps.0 (RNNDropout): alpha=0.0 (off in training); {found}; "
-                               f"AR 1.output_dp (RNNDropout): alpha=0.0 (off in training); {found}; "
+                               f"AR 0.hidden_dps.0 (RNNDropout): alpha=0.0 (off in training); {dropout} 0.rnns.0; "
+                               f"AR 1.output_dp (RNNDropout): alpha=0.0 (off in training); {dropout} 0.rnns.1; "
                                f"TAR 0.rnns.0 (WeightDropout): beta=1.0; {axis}; {found}; "
                                f"TAR 0.rnns.1 (WeightDropout): beta=1.0; {axis}; {found}")
 

@@ -24,7 +24,7 @@ from fastai_tar import TARCallback
 from conftest import (Capture, LossSpy, NO_BF16_ENV, far, hook_ids, lm_dls, penalty, probe_bf16_autocast_lstm,
                       quiet_fit, ref_ar, ref_penalty, ref_tar, require_bf16_autocast, restore_torch_state, tiny_lm,
                       torch_state)
-from models import CheckpointLM, NoDropoutLSTMLM, first_grads, flat_params, zero_loss
+from models import CheckpointLM, NoDropoutLSTMLM, cpu_replicas, first_grads, flat_params, zero_loss
 
 
 # --- gradient checkpointing ------------------------------------------------------------------------------------------
@@ -282,17 +282,6 @@ def test_compiled_model_gets_the_penalty_of_the_plain_model():
     assert loss_c.item() == pytest.approx(loss.item(), rel=1e-6)
     assert grad_c.item() == pytest.approx(grad.item(), rel=1e-6)
     assert (grad - loss).item() > 1e-4
-
-
-def cpu_replicas(module, n):
-    """What `nn.parallel.replicate` makes for `n` GPUs, on the CPU: every submodule copied by
-    `_replicate_for_data_parallel` (sharing the original's hook dicts), its parameters as non-leaf views."""
-    copies = [{m: m._replicate_for_data_parallel() for m in module.modules()} for _ in range(n)]
-    for memo in copies:
-        for m, r in memo.items():
-            for name, child in m._modules.items(): r._modules[name] = None if child is None else memo[child]
-            for name, p in m._parameters.items(): setattr(r, name, None if p is None else p.view_as(p))
-    return [memo[module] for memo in copies]
 
 
 class CPUDataParallel(nn.DataParallel):

@@ -1,4 +1,4 @@
-"Tests of `fastai_tar.tools.corpus`: the offline Python documentation corpus, user text, the split and the loaders."
+"Tests of `fastai_tar.corpus`: the offline Python documentation corpus, user text, the split and the loaders."
 import socket
 import zlib
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from fastai.torch_core import set_seed
 
-from fastai_tar.tools import corpus
-from fastai_tar.tools.corpus import (CorpusError, CorpusNotFoundError, corpus_frame, lm_dls, python_docs, read_texts,
+from fastai_tar import corpus
+from fastai_tar.corpus import (CorpusError, CorpusNotFoundError, corpus_frame, lm_dls, python_docs, read_texts,
                                      split_blocks, to_blocks)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from fastai_tar.tools import demo
 from fastai_tar.tools.cli import main
-from fastai_tar.tools.corpus import corpus_frame, lm_dls
+from fastai_tar.corpus import corpus_frame, lm_dls
 
 
 @pytest.fixture(scope='module')

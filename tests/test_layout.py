@@ -1,4 +1,5 @@
-"The package's layout: the library never imports its tools, and the tools' earlier import paths still work."
+"""The package's layout: the library never imports its tools nor its data builders; the torch-only modules import no
+fastai, neither directly nor through another module of the package; a batch's way through the modules goes one way."""
 import ast
 import os
 import subprocess
@@ -8,8 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 PKG = ROOT / 'fastai_tar'
-ALIASES = {'corpus', 'book'}  # `fastai_tar.corpus` and `fastai_tar.book`: the tools' modules under their old names
-LIBRARY = sorted(p.stem for p in PKG.glob('*.py') if p.stem not in ALIASES | {'__init__', '__main__'})
+DATA = {'corpus', 'book'}  # the offline data builders: the demo, the bench and the notebooks use them, the library not
+LIBRARY = sorted(p.stem for p in PKG.glob('*.py') if p.stem not in DATA | {'__init__', '__main__'})
+# what needs no fastai: the penalties, the plan and its hooks, for plain PyTorch, Lightning, Hugging Face, tsfast 0.5
+TORCH_ONLY = {'functional', 'module_facts', 'plan', 'capture', 'reading', 'hooks', 'arguments', 'schedule', 'arg_docs'}
+# the modules a training batch passes through: each imports only modules after it, so that no call goes back up
+BATCH_WAY = ['callback', 'report', 'hooks', 'reading', 'capture', 'plan', 'module_facts', 'functional']
 
 
 def _imports(path: Path) -> set[str]:
@@ -23,11 +28,29 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_library_modules_do_not_import_the_tools():
-    assert {'callback', 'functional', 'capture', 'plan', 'fastai_interop', 'arguments'} <= set(LIBRARY)
+def _package_imports(name: str) -> set[str]:
+    "The package's modules that `fastai_tar/{name}.py` imports, by their short names"
+    return {m.split('.')[1] for m in _imports(PKG / f'{name}.py') if m.startswith('fastai_tar.')} - {name}
+
+
+def test_library_modules_do_not_import_the_tools_or_the_data_builders():
+    assert TORCH_ONLY | set(BATCH_WAY) | {'fastai_interop'} <= set(LIBRARY)
     for name in ['__init__', *LIBRARY]:
         found = {m for m in _imports(PKG / f'{name}.py') if m.startswith('fastai_tar.tools')}
         assert not found, f'fastai_tar/{name}.py imports {found}'
+        assert not _package_imports(name) & DATA, f'fastai_tar/{name}.py imports a data builder'
+
+
+def test_torch_only_modules_import_no_fastai_even_through_the_package():
+    for name in TORCH_ONLY:
+        assert not {m for m in _imports(PKG / f'{name}.py') if m.split('.')[0] == 'fastai'}, name
+        assert _package_imports(name) <= TORCH_ONLY, f'{name} imports {_package_imports(name) - TORCH_ONLY}'
+
+
+def test_a_batch_goes_one_way_through_the_modules():
+    "callback -> report; hooks -> reading -> capture, plan -> module_facts; functional: none imports one before it"
+    for i, name in enumerate(BATCH_WAY):
+        assert not _package_imports(name) & set(BATCH_WAY[:i]), f'{name} imports {set(BATCH_WAY[:i])}'
 
 
 def test_importing_the_library_loads_no_tool():
@@ -45,17 +68,16 @@ def test_importing_the_library_loads_no_tool():
     assert res.stdout.strip() == '[]'
 
 
-def test_earlier_import_paths_are_the_tools_modules():
-    import fastai_tar.book
-    import fastai_tar.corpus
-    from fastai_tar.book import human_numbers_dls
-    from fastai_tar.tools import book, corpus
-    assert fastai_tar.corpus is corpus and fastai_tar.book is book and human_numbers_dls is book.human_numbers_dls
-    assert fastai_tar.__all__ == ['TARCallback', 'ar_penalty', 'tar_penalty', 'ar_sum_count', 'tar_sum_count',
-                                  'ar_tar_sum_count', 'mean_of', 'NothingToRegularize', 'TupleLossError']
+def test_the_public_names():
+    assert fastai_tar_all() == ['TARCallback', 'TARHooks', 'Place', 'ar_penalty', 'tar_penalty', 'ar_sum_count',
+                                'tar_sum_count', 'ar_tar_sum_count', 'mean_of', 'NothingToRegularize', 'TupleLossError']
 
 
-def test_data_builders_do_not_depend_on_the_command_line():
+def fastai_tar_all():
+    import fastai_tar
+    return fastai_tar.__all__
+
+
+def test_data_builders_do_not_depend_on_the_tools():
     "`corpus` and `book` raise ValueError/TypeError of their own; `fastai-tar demo` turns them into usage errors"
-    for name in ('corpus', 'book'):
-        assert not {m for m in _imports(PKG / 'tools' / f'{name}.py') if m.startswith('fastai_tar.tools.cli')}
+    for name in DATA: assert not {m for m in _imports(PKG / f'{name}.py') if m.startswith('fastai_tar.tools')}

@@ -1,306 +1,333 @@
-"""What each term reads (`fastai_tar.plan`): the default places (fastai's language model and classifier, the last RNN
-of any model, each layer with `all_layers`), names and coefficients, wrapped and compiled models, bad specs and their
-errors, the layouts read from a module (`module_layout`), a contract's reads, when a plan holds (`fingerprint`) and
-what `places` shows before the first batch (`describe_candidates`)."""
+"""What each term reads (`fastai_tar.plan`), by one rule: one candidate, or ask. Settled from one watched forward:
+the default places (fastai's language model and classifier, the recurrent module not inside another, several of
+them), AR on the dropout that receives what TAR reads (by identity), the calls of a module run several times (one
+sequence of steps, or ask), the item of an output (the class's, the only float tensor, or ask), the axes (yours,
+checked against what a class makes certain), fastai's contract's items, names, wrappers and modules whose hooks do
+not fire; what `places` shows before the first forward, and a plan read on a copy of its model."""
 import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 from fastai.text.all import AWD_LSTM, get_text_classifier
-from fastai.text.models.awdlstm import RNNDropout, WeightDropout
 
-from fastai_tar.fastai_interop import Contract
-from fastai_tar.plan import (KINDS, NothingToRegularize, Request, describe_candidates, fingerprint, module_layout,
-                             module_reads, settle, unwrap_model, watched_modules)
+from fastai_tar.capture import Capture
+from fastai_tar.plan import (Contract, NothingToRegularize, Place, Request, describe_candidates, fingerprint, settle,
+                             settle_watch, structure, unwrap_model)
+from fastai_tar.schedule import may_be_on
 
 from conftest import VOCAB, tiny_config, tiny_lm
+from models import AWDGlue, WordLM
 
 
 def request(alpha=2., beta=1., modules=None, ar_modules=None, all_layers=False, seq_dim=None, feature_dim=None,
             contract=None):
-    return Request(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim, contract)
+    return Request.of(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim, contract, may_be_on)
 
 
-def reads_of(model, **kw): return module_reads(model, request(**kw), list(KINDS))
+def settled(model, *x, contract=None, batch_size=None, **kw):
+    "The plan settled from one training forward of `model` on `x`, watched as TARHooks watches it"
+    req = request(**kw)
+    cap = Capture()
+    cap.open(model)
+    cap.watch(settle_watch(model, req))
+    try:
+        out = model(*x)
+        return settle(model, req, cap.forward, contract(out) if callable(contract) else contract, batch_size)
+    finally: cap.close()
 
 
-def places(reads): return [(r.kind, r.name, r.coef) for r in reads]
+def places(plan): return [(r.kind, r.name, r.source) for r in plan.reads]
 
 
-def classifier(): return get_text_classifier(AWD_LSTM, VOCAB, 2, config=tiny_config(clas=True))
+def tokens(bs=4, sl=12): return torch.randint(2, VOCAB, (bs, sl))
 
 
-# --- default places ----------------------------------------------------------------------------------------------
-def test_language_model_defaults_to_merity_places():
-    "TAR on the AWD_LSTM encoder's raw output, AR on the decoder's output dropout; fastai's modules are batch-first."
+class Chain(nn.Module):
+    "Embedding -> modules in order; the output is the last module's (its first item for an RNN)"
+    def __init__(self, *mods):
+        super().__init__()
+        self.emb, self.mods = nn.Embedding(VOCAB, 8), nn.ModuleList(mods)
+    def forward(self, x):
+        h = self.emb(x)
+        for m in self.mods:
+            h = m(h)
+            if isinstance(h, tuple): h = h[0]
+        return h
+
+
+# --- the default places ----------------------------------------------------------------------------------------------
+def test_fastai_language_model_reads_the_encoder_and_the_dropout_that_receives_its_output():
     model = tiny_lm()
-    ar, tar = reads_of(model)
-    assert places([ar, tar]) == [('ar', '1.output_dp', 2.), ('tar', '0', 1.)]
-    assert ar.module is model[1].output_dp and tar.module is model[0]
-    assert ar.source == tar.source == 'found' and "fastai's AWD_LSTM" in tar.why
-    assert ar.seq_dim is None  # AR needs no time axis
+    plan = settled(model, tokens())
+    assert places(plan) == [('ar', '1.output_dp', 'found'), ('tar', '0', 'found')]
+    ar, tar = plan.reads
+    assert ar.module is model[1].output_dp and ar.via is tar and tar.module is model[0]
+    assert "fastai's AWD_LSTM" in tar.why and 'takes the output of 0' in ar.why
     assert (tar.seq_dim, tar.steps, tar.axes_given) == (1, False, False) and 'batch-first' in tar.axis_why
-    plan = settle(model, request(), None)
-    assert places(plan.reads) == places([ar, tar]) and plan.holds_for(model, request())
-    assert [r.module for r in plan.reads] == [model[1].output_dp, model[0]]
+    assert plan.notes == []
 
 
-def test_all_layers_hooks_every_layer():
+def test_all_layers_reads_each_awd_lstm_layer_and_the_dropout_of_each():
     model = tiny_lm()
-    got = reads_of(model, all_layers=True)
-    assert places(got) == [('ar', '0.hidden_dps.0', 2.), ('ar', '1.output_dp', 2.), ('tar', '0.rnns.0', 1.),
-                           ('tar', '0.rnns.1', 1.)]
-    assert [r.module for r in got] == [model[0].hidden_dps[0], model[1].output_dp, *model[0].rnns]
-    assert [r.seq_dim for r in got] == [None, None, 1, 1]  # the LSTM inside each WeightDropout is batch-first
-    model = nn.Sequential(nn.LSTM(3, 4), nn.GRU(4, 5, batch_first=True))
-    got = reads_of(model, all_layers=True)
-    assert places(got) == [('ar', '0', 2.), ('ar', '1', 2.), ('tar', '0', 1.), ('tar', '1', 1.)]
-    assert [r.seq_dim for r in got if r.kind == 'tar'] == [0, 1] and 'every RNN module' in got[0].why
+    plan = settled(model, tokens(), all_layers=True)
+    assert places(plan) == [('ar', '0.hidden_dps.0', 'found'), ('ar', '1.output_dp', 'found'),
+                            ('tar', '0.rnns.0', 'found'), ('tar', '0.rnns.1', 'found')]
+    assert [r.module for r in plan.reads] == [model[0].hidden_dps[0], model[1].output_dp, *model[0].rnns]
+    assert [r.seq_dim for r in plan.reads if r.kind == 'tar'] == [1, 1]  # the LSTM inside each WeightDropout
+    plan = settled(Chain(nn.LSTM(8, 4), nn.GRU(4, 5, batch_first=True)), tokens(), all_layers=True)
+    assert [(r.kind, r.name) for r in plan.reads] == [('ar', 'mods.0'), ('ar', 'mods.1'), ('tar', 'mods.0'),
+                                                       ('tar', 'mods.1')]
+    assert [r.seq_dim for r in plan.reads if r.kind == 'tar'] == [0, 1] and 'every RNN module' in plan.reads[2].why
+    with pytest.raises(ValueError, match=r"all_layers=True reads every layer, but mods.0 is an RNN module of several"):
+        settled(Chain(nn.LSTM(8, 4, 2)), tokens(), all_layers=True)
 
 
-def test_classifier_uses_sentence_encoder():
-    model = classifier()
-    got = reads_of(model)
-    assert places(got) == [('ar', '0', 2.), ('tar', '0', 1.)] and all(r.module is model[0] for r in got)
-    assert 'padding mask' in got[0].why
-    with pytest.raises(ValueError, match='all_layers'): reads_of(model, all_layers=True)
-    # a classifier's output is fastai's contract, but the SentenceEncoder (with its mask) is read
-    raw = torch.zeros(2, 5, 8)
-    contract = Contract(torch.zeros(2, 2), [raw], [raw], per_layer=False, producers=[None])
-    assert places(settle(model, request(), contract).reads) == places(got)
+def test_a_classifier_reads_its_encoder_with_the_padding_mask_for_both_terms():
+    model = get_text_classifier(AWD_LSTM, VOCAB, 2, config=tiny_config(clas=True))
+    plan = settled(model, tokens())
+    assert places(plan) == [('ar', '0', 'found'), ('tar', '0', 'found')]
+    assert all(r.masked and r.item == 0 for r in plan.reads) and plan.notes == []  # fastai's dropped is its raw
+    with pytest.raises(ValueError, match='SentenceEncoder joins its bptt chunks'):
+        settled(model, tokens(), all_layers=True)
 
 
-@pytest.mark.parametrize('rnn, seq_dim', [(nn.LSTM(4, 5), 0), (nn.GRU(4, 5, batch_first=True), 1), (nn.RNN(4, 5), 0)],
-                         ids=['LSTM', 'GRU batch_first', 'RNN'])
-def test_generic_model_last_rnn(rnn, seq_dim):
-    model = nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 4), rnn)
-    got = reads_of(model)
-    assert places(got) == [('ar', '2', 2.), ('tar', '2', 1.)] and all(r.module is rnn for r in got)
-    assert got[1].seq_dim == seq_dim and got[1].axis_why == f'batch_first={seq_dim == 1}'
-    assert 'the last RNN module' in got[1].why
+def test_ar_reads_the_dropout_that_receives_what_tar_reads_else_that_tensor_and_says_so():
+    plan = settled(Chain(nn.LSTM(8, 6, batch_first=True), nn.Dropout(0.5), nn.Linear(6, VOCAB)), tokens())
+    assert places(plan) == [('ar', 'mods.1', 'found'), ('tar', 'mods.0', 'found')] and plan.notes == []
+    plan = settled(Chain(nn.LSTM(8, 6, batch_first=True), nn.Linear(6, 6), nn.Dropout(0.5)), tokens())
+    assert places(plan) == [('ar', 'mods.0', 'found'), ('tar', 'mods.0', 'found')]  # the dropout gets another tensor
+    assert [k for k, _ in plan.notes] == ['ar raw'] and "no dropout module takes the output of 'mods.0'" in \
+        plan.notes[0][1]
+    assert settled(Chain(nn.LSTM(8, 6, batch_first=True)), tokens(), alpha=0.).notes == []  # AR off: nothing to say
+
+    class TwoDropouts(nn.Module):
+        def __init__(self): super().__init__(); self.e, self.rnn, self.d1, self.d2 = (
+            nn.Embedding(VOCAB, 4), nn.GRU(4, 4, batch_first=True), nn.Dropout(0.1), nn.Dropout(0.2))
+        def forward(self, x): h = self.rnn(self.e(x))[0]; return self.d1(h) + self.d2(h)
+    with pytest.raises(ValueError, match=r"2 dropouts take it \('d1' \(Dropout\), 'd2' \(Dropout\)\).*ar_modules="):
+        settled(TwoDropouts(), tokens())
 
 
-def test_generic_model_with_cells_reads_the_last_cell_one_step_per_call():
-    model = nn.Sequential(nn.LSTMCell(3, 4), nn.GRUCell(4, 4))
-    got = reads_of(model)
-    assert places(got) == [('ar', '1', 2.), ('tar', '1', 1.)] and 'RNN cell' in got[1].why
-    assert (got[1].seq_dim, got[1].steps) == (1, True)
+def test_several_recurrent_modules_read_the_last_and_say_so_naming_every_one():
+    class EncoderCell(nn.Module):
+        def __init__(self): super().__init__(); self.enc, self.dec = nn.LSTM(3, 5, batch_first=True), nn.LSTMCell(5, 5)
+        def forward(self, x):
+            out, (h, c) = self.enc(x)
+            state = (h[0], c[0])
+            for _ in range(3): state = self.dec(out[:, -1], state)
+            return state[0]
+    plan = settled(EncoderCell(), torch.randn(2, 6, 3))
+    assert [r.name for r in plan.reads] == ['dec', 'dec'] and plan.reads[1].others == ('enc',)
+    assert ('several', "TARCallback found 2 recurrent modules and reads the last one, 'dec' (enc too): name the one "
+            "to read in modules= (or pass all_layers=True to read each)") in plan.notes
+    assert not any(k == 'several' for k, _ in settled(EncoderCell(), torch.randn(2, 6, 3), modules='enc').notes)
 
 
-def test_nothing_to_regularize_says_where_it_looked():
-    with pytest.raises(NothingToRegularize, match=r"found nothing to regularize in Linear.*modules='encoder.rnn'"):
-        reads_of(nn.Linear(2, 2))
-    assert issubclass(NothingToRegularize, ValueError)
-    assert watched_modules(nn.Linear(2, 2), request()) == []  # the output may still be fastai's contract
+def test_nothing_to_regularize_says_what_it_looked_for():
+    with pytest.raises(NothingToRegularize, match=r"AWD_LSTM.*nn.LSTM/GRU/RNN.*modules="):
+        settled(nn.Sequential(nn.Linear(3, 3)), torch.randn(2, 3))
 
 
-# --- names and coefficients --------------------------------------------------------------------------------------
-def test_names_modules_and_coefficients():
-    model = tiny_lm()
-    got = reads_of(model, modules={'0.rnns.0': 0.5, model[0].rnns[1]: 3.})
-    assert places(got) == [('ar', '0.rnns.0', 2.), ('ar', '0.rnns.1', 2.), ('tar', '0.rnns.0', .5),
-                           ('tar', '0.rnns.1', 3.)]
-    assert all(r.source == 'named' and r.why == 'named by you' for r in got)
-    got = reads_of(model, alpha=[1., 4.], beta=[.5, 3.], modules=['0.rnns.0', '0.rnns.1'])
-    assert [r.coef for r in got] == [1., 4., .5, 3.]
-    got = reads_of(model, modules='0', ar_modules=['1.output_dp'])
-    assert places(got) == [('ar', '1.output_dp', 2.), ('tar', '0', 1.)]
-    got = reads_of(model, ar_modules={'1.output_dp': 3.})  # TAR found, AR named with its own coefficient
-    assert places(got) == [('ar', '1.output_dp', 3.), ('tar', '0', 1.)]
-    assert [r.source for r in got] == ['named', 'found']
-    assert watched_modules(model, request(modules='0', ar_modules='1.output_dp')) == [model[1].output_dp, model[0]]
+# --- which call ----------------------------------------------------------------------------------------------------
+def test_a_module_run_several_times_is_read_only_as_one_sequence_or_where_you_pick():
+    model = WordLM()
+    plan = settled(model, tokens())  # by default the dropout whose input is the LSTM's output: its second call
+    (ar, tar) = plan.reads
+    assert ar.name == 'drop' and ar.via is tar and ar.call is None
+    with pytest.raises(ValueError, match=r"'drop' \(Dropout\) ran 2 times in one forward.*call 0: input torch.float32 "
+                                         r"tensor \(4, 12, 8\).*call 1: input the output of 'rnn' \(LSTM\).*"
+                                         r"ar_modules=Place\('drop', call=i\)"):
+        settled(model, tokens(), ar_modules='drop')
+    plan = settled(model, tokens(), ar_modules=Place('drop', call=1))
+    assert plan.reads[0].call == 1 and 'call 1' in repr(plan.reads[0])
+    with pytest.raises(ValueError, match=r"ran 2 times in this forward, so Place\(call=5\) picks a call it did not"):
+        settled(model, tokens(), ar_modules=Place('drop', call=5))
 
 
-def test_the_users_axes_win_for_every_named_module():
-    model = nn.Sequential(nn.LSTM(3, 4), nn.GRU(4, 4, batch_first=True))
-    got = reads_of(model, modules=['0', '1'], seq_dim=-2, feature_dim=-1)
-    assert [(r.kind, r.seq_dim, r.axes_given) for r in got] == [('ar', None, False)] * 2 + [('tar', -2, True)] * 2
-    assert got[2].axis_why == 'seq_dim=-2, yours' and all(r.feature_dim == -1 for r in got)
-    assert 'time axis -2 (seq_dim=-2, yours)' in repr(got[2])
-    got = reads_of(model, modules='1', seq_dim=2, feature_dim=1)
-    assert [(r.seq_dim, r.feature_dim) for r in got] == [(None, 1), (2, 1)] and 'feature axis 1' in repr(got[1])
+class TwoStreams(nn.Module):
+    "One GRUCell stepping two streams in one loop: a0, b0, a1, b1, ..."
+    def __init__(self): super().__init__(); self.cell = nn.GRUCell(3, 4)
+    def forward(self, x):
+        a = b = None
+        for t in range(x.shape[1]): a, b = self.cell(x[:, t], a), self.cell(-x[:, t], b)
+        return a + b
 
 
-def test_a_module_of_unknown_layout_that_returned_a_packed_sequence_is_read_batch_first():
-    model = nn.Sequential(nn.LSTM(3, 4), nn.Identity())  # the Identity passes the LSTM's PackedSequence on
-    (tar,) = module_reads(model, request(alpha=0., modules='1'), ['tar'], packed={id(model[1])})
-    assert tar.seq_dim == 1 and tar.axis_why == 'a PackedSequence, unpacked batch-first'
-    with pytest.raises(ValueError, match='Pass seq_dim='): module_reads(model, request(alpha=0., modules='1'), ['tar'])
-    # a sequence-first nn.LSTM that returned a PackedSequence is read as the capture unpacks it: batch-first
-    (tar,) = module_reads(model, request(alpha=0., modules='0'), ['tar'], packed={id(model[0])})
-    assert tar.seq_dim == 1 and tar.axis_why == 'a PackedSequence, unpacked batch-first'
+def test_calls_that_chain_are_one_sequence_and_two_chains_are_asked_about():
+    cell = nn.GRUCell(3, 4)
+    chain = nn.Sequential()
+    chain.cell = cell
+    chain.forward = lambda x: [h := None] and [h := cell(x[:, t], h) for t in range(x.shape[1])][-1]
+    assert places(settled(chain, torch.randn(2, 5, 3))) == [('ar', 'cell', 'found'), ('tar', 'cell', 'found')]
+    with pytest.raises(ValueError, match=r"'cell' \(GRUCell\) ran 10 times.*2 sequences of steps \(calls 0, 2, 4, 6, "
+                                         r"8; 1, 3, 5, 7, 9\).*call='all'"):
+        settled(TwoStreams(), torch.randn(2, 5, 3))
+    plan = settled(TwoStreams(), torch.randn(2, 5, 3), modules=Place('cell', call='all'))
+    assert plan.reads[1].call == 'all' and plan.reads[1].steps
 
 
-class OwnForward(nn.LSTM):
-    "An LSTM subclass with a forward of its own: its layout cannot be told from the class."
-    def forward(self, x, hx=None): return super().forward(x.transpose(0, 1), hx)
+# --- which item --------------------------------------------------------------------------------------------------------
+class Gated(nn.Module):
+    def __init__(self, out='tuple'): super().__init__(); self.l, self.out = nn.Linear(3, 8), out
+    def forward(self, x):
+        a, b = self.l(x).chunk(2, -1)
+        return {'gate': a, 'value': b, 'n': 2} if self.out == 'dict' else (a, b)
+
+
+def test_an_output_with_several_tensors_asks_which_and_place_picks_it():
+    model = nn.Sequential()
+    model.block = Gated()
+    with pytest.raises(ValueError, match=r"'block' \(Gated\) returns 2 float tensors.*modules=Place\('block', "
+                                         r"item=...\), one of \[0, 1\]"):
+        settled(model, torch.randn(2, 6, 3), modules='block', seq_dim=1)
+    plan = settled(model, torch.randn(2, 6, 3), modules=Place('block', item=1), seq_dim=1)
+    assert plan.reads[1].item == 1 and 'item 1' in repr(plan.reads[1])
+    model.block = Gated('dict')
+    plan = settled(model, torch.randn(2, 6, 3), modules=Place('block', item='value'), seq_dim=1)
+    assert plan.reads[1].item == 'value'
+    with pytest.raises(TypeError, match=r"item 'n' of 'block' \(Gated\)'s output is a int"):
+        settled(model, torch.randn(2, 6, 3), modules=Place('block', item='n'), seq_dim=1)
+
+
+def test_the_only_float_tensor_of_an_output_is_read():
+    class OutAndStates(nn.Module):  # tsfast's RNN: (output, [hidden per layer])
+        def __init__(self): super().__init__(); self.gru = nn.GRU(3, 4, batch_first=True)
+        def forward(self, x): out, h = self.gru(x); return out, [h]
+    model = nn.Sequential()
+    model.rnn = OutAndStates()
+    plan = settled(model, torch.randn(2, 6, 3), modules='rnn', seq_dim=1)
+    assert plan.reads[1].item == 0 and 'item' in repr(plan.reads[1])
+
+
+# --- axes --------------------------------------------------------------------------------------------------------------
+def test_your_seq_dim_is_checked_against_a_layout_the_class_makes_certain():
+    with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of 0's output \(AWD_LSTM\), which is 1 "
+                                         r"\(fastai's text modules are batch-first\)"):
+        settled(tiny_lm(), tokens(), seq_dim=0)
+    model = Chain(nn.LSTM(8, 4))
+    assert settled(model, tokens(), seq_dim=0).reads[1].seq_dim == 0  # agrees: taken
+    with pytest.raises(ValueError, match=r"seq_dim=1 contradicts the time axis of mods.0's output \(LSTM\)"):
+        settled(model, tokens(), seq_dim=1)
+    cell = settled(TwoStreams(), torch.randn(2, 5, 3), modules=Place('cell', call='all'), seq_dim=0).reads[1]
+    assert (cell.seq_dim, cell.steps) == (0, True)  # a cell's steps are joined along yours
 
 
 def test_a_module_of_unknown_layout_asks_for_seq_dim_unless_tar_is_off():
-    model = nn.Sequential(nn.Linear(3, 4), OwnForward(4, 4))
-    with pytest.raises(ValueError, match=r"time axis of 1 \(OwnForward\).*has a forward of its own.*Pass seq_dim="):
-        reads_of(model)
-    with pytest.raises(ValueError, match=r"time axis of 0 \(Linear\).*not a module whose layout.*Pass seq_dim="):
-        reads_of(model, modules='0')
-    assert places(reads_of(model, beta=0., modules='0')) == [('ar', '0', 2.)]  # TAR off: nothing to ask for
-    assert reads_of(model, seq_dim=0)[1].seq_dim == 0
+    model = nn.Sequential()
+    model.mix = nn.Linear(3, 4)
+    with pytest.raises(ValueError, match=r"cannot tell the time axis of mix \(Linear\)'s output for TAR.*seq_dim="):
+        settled(model, torch.randn(2, 5, 3), modules='mix')
+    plan = settled(model, torch.randn(2, 5, 3), modules='mix', beta=0.)
+    assert [r.kind for r in plan.reads] == ['ar', 'tar'] and plan.reads[1].seq_dim is None  # TAR reads nothing
 
 
-def test_off_terms_are_planned_and_said_off():
-    ar, tar = reads_of(tiny_lm(), alpha=0.)
-    assert ar.coef == 0 and '(off in training)' in repr(ar) and '(off in training)' not in repr(tar)
+def test_a_packed_sequence_is_read_batch_first_whatever_its_module():
+    class Packed(nn.Module):
+        def __init__(self): super().__init__(); self.gru = nn.GRU(3, 4)
+        def forward(self, x, lengths): return self.gru(pack_padded_sequence(x, lengths, enforce_sorted=False))[0]
+
+    class Model(nn.Module):
+        def __init__(self): super().__init__(); self.rnn = Packed()
+        def forward(self, x, lengths): return self.rnn(x, lengths)
+    model = Model()
+    plan = settled(model, torch.randn(5, 2, 3), torch.tensor([5, 3]), modules='rnn')
+    assert plan.reads[1].seq_dim == 1 and 'PackedSequence' in plan.reads[1].axis_why
 
 
-# --- wrapped and compiled models ---------------------------------------------------------------------------------
-def test_data_parallel_and_ddp_models_are_searched_inside():
-    model = tiny_lm()
-    wrapped = nn.DataParallel(model)
-    assert unwrap_model(wrapped) is model
-    assert places(reads_of(wrapped)) == places(reads_of(model))
-    assert reads_of(wrapped, modules='module.0')[1].module is model[0]
-    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        ddp = nn.parallel.DistributedDataParallel(model)
-        assert unwrap_model(ddp) is model and '0' not in dict(ddp.named_modules())
-        assert places(reads_of(ddp)) == places(reads_of(model))
-        for name in ('0.rnns.1', 'module.0.rnns.1'):
-            assert reads_of(ddp, modules=name)[1].module is model[0].rnns[1]
-        plan = settle(ddp, request(), None)
-        # the plan is kept for the learner's model object
-        assert plan.holds_for(ddp, request()) and not plan.holds_for(model, request())
-    finally:
-        dist.destroy_process_group()
+# --- fastai's contract -------------------------------------------------------------------------------------------------
+def contract_of(model, per_layer=False, producer=True):
+    def make(out):
+        logits, raw, dropped = out
+        rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+        return Contract(logits, [raw], [dropped], per_layer, [rnns[-1] if producer else None])
+    return make
 
 
-def test_compiled_models_are_searched_inside():
-    "torch.compile's OptimizedModule names every module '_orig_mod.<name>': found by either name, or by structure."
-    model = tiny_lm()
-    compiled = torch.compile(model, backend='eager')  # compiles lazily: nothing is traced here
-    assert unwrap_model(compiled) is model
-    assert '_orig_mod.0' in dict(compiled.named_modules())
-    for name in ('0', '_orig_mod.0'):
-        ts = reads_of(compiled, modules=name)
-        assert places(ts) == [('ar', '0', 2.), ('tar', '0', 1.)] and all(t.module is model[0] for t in ts)
-    assert places(reads_of(compiled)) == places(reads_of(model))
-    assert reads_of(compiled)[0].module is model[1].output_dp
-    # nn.DataParallel around a compiled model: both prefixes
-    both = nn.DataParallel(compiled)
-    assert unwrap_model(both) is model
-    assert reads_of(both, modules='module._orig_mod.0.rnns.1')[1].module is model[0].rnns[1]
+class BookLM(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.emb, self.rnn, self.drop = nn.Embedding(VOCAB, 6), nn.LSTM(6, 6, batch_first=batch_first), nn.Dropout(0.2)
+    def forward(self, x):
+        raw = self.rnn(self.emb(x))[0]
+        d = self.drop(raw)
+        return d.sum(-1), raw, d
 
 
-# --- bad specs -----------------------------------------------------------------------------------------------------
-def test_bad_specs_raise_clear_errors():
-    model = tiny_lm()
-    with pytest.raises(ValueError, match=r"^modules: no module named 'encoder'.*named_modules"):
-        reads_of(model, modules='encoder')
-    with pytest.raises(ValueError, match=r"^ar_modules: no module named 'drop'"):
-        reads_of(model, ar_modules='drop')
-    with pytest.raises(ValueError, match='not part of'): reads_of(model, modules=nn.LSTM(2, 2))
-    with pytest.raises(ValueError,
-                       match=r"beta has 1 coefficients but TARCallback reads 2 module\(s\) named in modules"):
-        reads_of(model, beta=[1.], modules=['0.rnns.0', '0.rnns.1'])
-    with pytest.raises(ValueError, match=r"alpha has 3 coefficients but TARCallback reads 2 layer"):
-        reads_of(model, alpha=[1., 2., 3.], all_layers=True)
-    with pytest.raises(ValueError, match=r"^modules names the module '0' twice \('0' and AWD_LSTM\)"):
-        reads_of(model, modules=['0', model[0]])
-    with pytest.raises(NothingToRegularize, match=r"modules="): reads_of(nn.Linear(2, 2))
+def test_a_contract_is_read_from_the_output_in_the_layout_of_the_module_that_returned_raw():
+    model = BookLM(batch_first=False)
+    plan = settled(model, tokens().t(), contract=contract_of(model))
+    assert places(plan) == [('ar', 'dropped', 'contract'), ('tar', 'raw', 'contract')] and plan.contract
+    assert plan.reads[1].seq_dim == 0 and plan.watch == [model.rnn]
+    plan = settled(model, tokens().t(), contract=contract_of(model), modules='rnn')  # AR stays on dropped
+    assert places(plan) == [('ar', 'dropped', 'contract'), ('tar', 'rnn', 'named')]
 
 
-# --- a contract's reads ------------------------------------------------------------------------------------------
-def contract_of(n_layers=1, producer=None, bs=2, sl=5, per_layer=None):
-    raws = [torch.randn(bs, sl, 4) for _ in range(n_layers)]
-    per_layer = n_layers > 1 if per_layer is None else per_layer
-    return Contract(torch.randn(bs, sl, VOCAB), raws, [r * 2 for r in raws], per_layer, [producer] * n_layers)
+def test_a_contract_raw_from_no_module_is_batch_first_unless_the_batch_size_refuses_it():
+    model = BookLM(batch_first=False)
+    plan = settled(model, tokens().t(), contract=contract_of(model, producer=False), batch_size=12)
+    assert plan.reads[1].seq_dim == 1  # 12 x 4: the batch of 12 is first, as fastai's contract has it
+    with pytest.raises(ValueError, match=r"first axis is not the batch of 4: pass seq_dim="):
+        settled(model, tokens().t(), contract=contract_of(model, producer=False), batch_size=4)
+    plan = settled(model, tokens().t(), contract=contract_of(model, producer=False), batch_size=4, seq_dim=0)
+    assert plan.reads[1].seq_dim == 0 and plan.reads[1].axes_given
+    with pytest.raises(ValueError, match='all_layers=True reads each layer, but the model returns fastai'):
+        settled(model, tokens().t(), contract=contract_of(model), all_layers=True)
 
 
-def test_a_contract_is_read_from_the_output_in_the_producers_layout():
-    model = nn.Sequential(nn.LSTM(4, 4))
-    ar, tar = settle(model, request(), contract_of(producer=model[0])).reads
-    assert places([ar, tar]) == [('ar', 'dropped', 2.), ('tar', 'raw', 1.)]
-    assert ar.module is None and tar.module is None and (ar.layer, tar.layer) == (0, 0)
-    assert tar.seq_dim == 0 and tar.axis_why == 'batch_first=False'  # the sequence-first LSTM that returned raw
-    assert ar.source == 'contract' and 'output[1]' in repr(tar)
-    (tar,) = [r for r in settle(nn.Linear(2, 2), request(), contract_of()).reads if r.kind == 'tar']
-    assert tar.seq_dim == 1 and "batch-first" in tar.axis_why  # no recurrent producer: fastai's contract layout
+# --- names, wrappers, modules whose hooks do not fire ------------------------------------------------------------------
+def test_names_wrapped_compiled_and_bad():
+    model = Chain(nn.LSTM(8, 4, batch_first=True))
+    assert unwrap_model(nn.DataParallel(model)) is model
+    for name in ('mods.0', 'module.mods.0', '_orig_mod.mods.0', Place(model.mods[0])):
+        assert settled(model, tokens(), modules=name).reads[1].module is model.mods[0]
+    with pytest.raises(ValueError, match=r"modules: no module named 'nope'.*e.g. 'emb'"):
+        settled(model, tokens(), modules='nope')
+    with pytest.raises(ValueError, match=r"modules: the module LSTM is not part of"):
+        settled(model, tokens(), modules=nn.LSTM(2, 2))
+    with pytest.raises(ValueError, match=r"names the module 'mods.0' twice"):
+        settled(model, tokens(), modules=['mods.0', model.mods[0]])
+    class Frozen(Chain):  # its LSTM under no_grad (as checkpoint(use_reentrant=True) runs it)
+        def forward(self, x):
+            with torch.no_grad(): return self.mods[0](self.emb(x))[0]
+    with pytest.raises(RuntimeError, match=r"reads mods.0 \(LSTM\) but it ran only without gradient.*use_reentrant"):
+        settled(Frozen(nn.LSTM(8, 4, batch_first=True)), tokens())
 
 
-def test_a_contract_with_all_layers_reads_each_layer_or_is_refused():
-    reads = settle(nn.Linear(2, 2), request(all_layers=True, alpha=[1., 0.]), contract_of(2)).reads
-    assert places(reads) == [('ar', 'dropped.0', 1.), ('ar', 'dropped.1', 0.),
-                             ('tar', 'raw.0', 1.), ('tar', 'raw.1', 1.)]
-    assert [r.layer for r in reads] == [0, 1, 0, 1]
-    with pytest.raises(ValueError, match=r"all_layers=True reads each layer.*single tensors"):
-        settle(nn.Linear(2, 2), request(all_layers=True), contract_of(1))
-    model = tiny_lm()  # single tensors from an AWD_LSTM: its layers are hooked
-    assert places(settle(model, request(all_layers=True), contract_of(1)).reads) == places(
-        reads_of(model, all_layers=True))
+def test_a_module_whose_wrapper_calls_its_forward_directly_is_said_and_the_wrapper_named():
+    model = AWDGlue(VOCAB, contract=False)
+    with pytest.raises(RuntimeError, match=r"reads model.rnns.2.module \(LSTM\) but it did not run through its hooks, "
+                                           r"though 'model.rnns.2' \(WeightDrop\), which holds it, ran.*Name "
+                                           r"'model.rnns.2' in modules= instead"):
+        settled(model, tokens())
+    plan = settled(model, tokens(), modules='model.rnns.2', ar_modules=Place('model.lockdrop', call=-1), seq_dim=0)
+    assert places(plan) == [('ar', 'model.lockdrop', 'named'), ('tar', 'model.rnns.2', 'named')]
 
 
-# --- layouts -------------------------------------------------------------------------------------------------------
-class SameForward(nn.GRU):
-    "A subclass that keeps nn.GRU's forward."
+# --- before the first forward; a plan on a copy -------------------------------------------------------------------------
+def test_places_before_the_first_forward_say_what_the_structure_says():
+    model = Chain(nn.LSTM(8, 4, batch_first=True), nn.Dropout())
+    text = describe_candidates(model, request(), {'ar': 2., 'tar': 1.})
+    assert text.splitlines() == [
+        "if the model's forward returns fastai's (logits, raw, dropped):",
+        "  AR dropped (output[2]): alpha=2.0", "  TAR raw (output[1]): beta=1.0",
+        "otherwise, found from the model's structure:",
+        "  AR the dropout that takes the output TAR reads, else that output: alpha=2.0",
+        "  TAR the last RNN module, mods.0 (LSTM): beta=1.0", "(settled at the first training batch)"]
+    text = describe_candidates(model, request(modules='mods.0', contract=False), {'ar': 2., 'tar': 1.})
+    assert text.splitlines()[:2] == ["AR the dropout that takes the output TAR reads, else that output: alpha=2.0",
+                                     "TAR mods.0: beta=1.0; named by you"]
 
 
-@pytest.mark.parametrize('module, expected', [
-    (nn.LSTM(3, 4), (0, False)), (nn.LSTM(3, 4, batch_first=True), (1, False)), (nn.GRU(3, 4), (0, False)),
-    (nn.GRU(3, 4, batch_first=True), (1, False)), (nn.RNN(3, 4), (0, False)),
-    (nn.RNN(3, 4, batch_first=True), (1, False)),
-    (SameForward(3, 4, batch_first=True), (1, False)),
-    (nn.LSTMCell(3, 4), (1, True)), (nn.GRUCell(3, 4), (1, True)), (nn.RNNCell(3, 4), (1, True)),
-    (OwnForward(3, 4), None), (OwnForward(3, 4, batch_first=True), None), (nn.Linear(3, 4), None),
-    (nn.Dropout(), None),
-], ids=lambda x: type(x).__name__ + ('_bf' if getattr(x, 'batch_first', False) else '') if isinstance(x, nn.Module)
-   else None)
-def test_module_layout_of_stock_modules_and_subclasses(module, expected):
-    got = module_layout(module)
-    assert (got if got is None else got[:2]) == expected
-    if got is not None and not expected[1]: assert got[2] == f'batch_first={module.batch_first}'
-
-
-def test_module_layout_of_fastai_modules():
-    enc = tiny_lm()[0]
-    assert module_layout(enc) == (1, False, "fastai's text modules are batch-first")
-    assert module_layout(classifier()[0])[:2] == (1, False)
-    assert module_layout(RNNDropout(0.1))[:2] == (1, False)
-    assert isinstance(enc.rnns[0], WeightDropout)
-    assert module_layout(enc.rnns[0]) == (1, False, 'batch_first=True')  # the LSTM it wraps decides
-    assert module_layout(WeightDropout(nn.LSTM(3, 4), 0.1))[:2] == (0, False)
-
-    class OwnAWD(AWD_LSTM):
-        def forward(self, inp, from_embeds=False): return super().forward(inp, from_embeds)
-    assert module_layout(OwnAWD(VOCAB, 8, 12, 2)) is None
-
-
-# --- when a plan holds, and what is shown before it is settled -----------------------------------------------------
-def test_fingerprint_changes_when_a_module_is_added_removed_or_swapped():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 4))
-    fp = fingerprint(model)
-    assert fingerprint(model) == fp and fingerprint(copy.deepcopy(model)) != fp
-    model[1].weight_hh_l0.data.zero_()  # weights are not modules
-    assert fingerprint(model) == fp
-    plan, req = settle(model, request(), None), request()
-    model.append(nn.GRU(4, 4))
-    assert fingerprint(model) != fp and not plan.holds_for(model, req)
-    del model[2]
-    assert fingerprint(model) == fp and plan.holds_for(model, req)
-    assert not plan.holds_for(model, request(beta=2.))  # other arguments: settled again
-    model[1] = nn.LSTM(4, 4)
-    assert fingerprint(model) != fp and not plan.holds_for(model, req)
-
-
-def test_describe_candidates_names_both_candidates_where_the_contract_may_apply():
-    model = nn.Sequential(nn.Embedding(VOCAB, 4), nn.LSTM(4, 4, batch_first=True))
-    text = describe_candidates(model, request())
-    assert text.splitlines()[0] == "if the model's forward returns fastai's (logits, raw, dropped):"
-    assert "  AR dropped (output[2]): alpha=2.0" in text and "  TAR raw (output[1]): beta=1.0" in text
-    assert "otherwise, found from the model's structure:\n  AR 1 (LSTM)" in text
-    assert 'with per-layer lists' in describe_candidates(model, request(all_layers=True))
-    assert describe_candidates(model, request(contract=False)) == '\n'.join(map(repr, reads_of(model)))
-    assert describe_candidates(model, request(modules='1')) == '\n'.join(map(repr, reads_of(model, modules='1')))
-    text = describe_candidates(classifier(), request())  # a classifier reads its SentenceEncoder
-    assert 'raw' not in text and text.startswith('AR 0 (SentenceEncoder)')
-    text = describe_candidates(nn.Linear(2, 2), request())
-    assert 'TAR raw (output[1])' in text and 'nothing: TARCallback found nothing to regularize' in text
+def test_a_plan_reads_a_copy_of_its_model_by_name_and_the_identity_of_modules_is_checked():
+    model = WordLM()
+    plan = settled(model, tokens())
+    model.record.clear()
+    twin = copy.deepcopy(model)
+    assert structure(twin) == structure(model) and fingerprint(twin) != fingerprint(model)
+    moved = plan.on(twin)
+    assert [r.module for r in moved.reads] == [twin.drop, twin.rnn] and moved.reads[0].via is moved.reads[1]
+    assert moved.watch == [twin.drop, twin.rnn] and moved.fingerprint == fingerprint(twin)
+    model.extra = nn.Linear(2, 2)
+    assert fingerprint(model) != plan.fingerprint and structure(model) != structure(twin)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from ..history import PenaltyHistory
+from ..report import PenaltyHistory
 
 __all__ = ['history_cost', 'frame_seconds', 'format_history']
 
@@ -37,8 +37,9 @@ def history_cost(
                     cbs=TARCallback())
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     log = learn.tar.log
-    held = sum(sys.getsizeof(a) for a in (log.iters, log.values, log.coefs))
-    return dict(batches=len(log), terms=log.n_terms, item_bytes=log.nbytes, held_bytes=held,
+    held = sum(sys.getsizeof(a) for s in log.segments for a in (s.iters, s.values, s.coefs))
+    terms = sum(len(s.reads) for s in log.segments)
+    return dict(batches=len(log), terms=terms, item_bytes=log.nbytes, held_bytes=held,
                 item_bytes_per_batch=log.nbytes / len(log), held_bytes_per_batch=held / len(log))
 
 
@@ -47,13 +48,14 @@ def frame_seconds(
 ) -> float:
     "Seconds to build `learn.tar.history`'s DataFrame from `rows` recorded batches"
     from types import SimpleNamespace
-    log = PenaltyHistory(2)
-    log.iters.frombytes(np.arange(rows, dtype=np.int64).tobytes())
-    log.values.frombytes(np.random.default_rng(0).random((rows, 3), dtype=np.float32).tobytes())
-    log.coefs.frombytes(np.tile([2., 1.], rows).tobytes())
-    targets = [SimpleNamespace(kind='ar', name='1.output_dp'), SimpleNamespace(kind='tar', name='0')]
+    log = PenaltyHistory()
+    log.use([SimpleNamespace(kind='ar', name='1.output_dp'), SimpleNamespace(kind='tar', name='0')])
+    seg = log.segments[-1]
+    seg.iters.frombytes(np.arange(rows, dtype=np.int64).tobytes())
+    seg.values.frombytes(np.random.default_rng(0).random((rows, 3), dtype=np.float32).tobytes())
+    seg.coefs.frombytes(np.tile([2., 1.], rows).tobytes())
     start = time.perf_counter()
-    df = log.frame(targets)
+    df = log.frame()
     assert len(df) == rows
     return time.perf_counter() - start
 

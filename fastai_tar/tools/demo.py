@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from ..callback import TARCallback
 from .cli import UsageError, check_writable
-from .corpus import CorpusError, corpus_frame, lm_dls
+from ..corpus import CorpusError, corpus_frame, lm_dls
 
 __all__ = ['PRESETS', 'TABLE_COLUMNS', 'run', 'make_runs', 'EpochTimer', 'EpochLogger', 'train_run', 'results_table',
            'plot_results']
