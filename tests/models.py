@@ -258,5 +258,5 @@ class WordLM(nn.Module):
         emb = self.drop(self.encoder(x))
         output, _ = self.rnn(emb)
         dropped = self.drop(output)
-        self.record.append((output, dropped))
+        self.record.append((output, dropped, emb))
         return self.decoder(dropped)

@@ -121,7 +121,8 @@ def test_language_model_learner_counts_penalty_once():
         warnings.simplefilter('always')
         torch.manual_seed(1)
         quiet_fit(learn, lr=1e-3, cbs=grab)
-    assert [str(x.message) for x in w if 'RNNRegularizer' in str(x.message)][0].count('alpha=0') == 2  # says how
+    said = [str(x.message) for x in w if 'RNNRegularizer' in str(x.message)][0]
+    assert said.count('alpha=0') == 2 and 'language_model_learner(' in said  # says how
     assert len([x for x in w if 'RNNRegularizer' in str(x.message)]) == 1
     assert (reg.alpha, reg.beta) == (2., 1.)  # the learner is left as it was found
 
@@ -150,7 +151,10 @@ def test_text_classifier_learner_counts_penalty_once_over_real_tokens():
                                     loss_func=CrossEntropyLossFlat(), cbs=TARCallback(alpha=3., beta=4.))
     reg = next(cb for cb in learn.cbs if isinstance(cb, RNNRegularizer))
     cap, spy = Capture(learn.model[0]), LossSpy(stop=1)
-    with pytest.warns(UserWarning, match="switches off fastai's RNNRegularizer"): quiet_fit(learn, cbs=spy)
+    # the warning names the learner that added the regularizer: a classifier's
+    with pytest.warns(UserWarning, match=r"switches off fastai's RNNRegularizer.*text_classifier_learner\(\.\.\., "
+                                         r"alpha=0\., beta=0\.\)"):
+        quiet_fit(learn, cbs=spy)
     outs, valid = encoded_batch(cap)
     expected = ref_penalty(3., 4., (outs, valid))
     assert spy.added[0] == penalty(expected)

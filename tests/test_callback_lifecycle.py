@@ -18,7 +18,8 @@ from torch.amp import GradScaler
 from fastai.learner import _loop
 from fastai.text.all import (AWD_LSTM, Callback, CancelBatchException, CancelEpochException, CancelFitException,
                              CancelTrainException, CrossEntropyLossFlat, L, Learner, MixedPrecision, ModelResetter,
-                             RNNRegularizer, SGD, language_model_learner, load_learner)
+                             RNNRegularizer, SaveModelCallback, SGD, TextLearner, accuracy, language_model_learner,
+                             load_learner)
 
 from fastai_tar import TARCallback
 from fastai_tar.report import PenaltyColumn
@@ -427,3 +428,132 @@ def test_export_keeps_no_per_batch_history(tmp_path):
     learn.export('without_tar.pkl')
     callback_bytes = (tmp_path / 'with_tar.pkl').stat().st_size - (tmp_path / 'without_tar.pkl').stat().st_size
     assert callback_bytes < len(pickle.dumps(before))
+
+
+# --- fit-level state: what a re-settle, a mid-fit change, a model swap or an export keeps -----------------------------
+def text_learner(*cbs, **kw):
+    "A TextLearner on the book's LMModel7 at the tiny data's batch size: fastai adds its RNNRegularizer(2, 1)"
+    torch.manual_seed(0)
+    return TextLearner(lm_dls(), LMModel7(VOCAB, 16, 2, 0.4, bs=4), loss_func=CrossEntropyLossFlat(), cbs=list(cbs),
+                       **kw)
+
+
+class RawDropped(Callback):
+    "The raw and dropped outputs of each training batch, as the model returned them (first after the forward)"
+    order = -100
+    def before_fit(self): self.seen = []
+    def after_pred(self):
+        if self.training: self.seen.append((self.pred[1].detach().clone(), self.pred[2].detach().clone()))
+
+
+def test_a_callback_added_mid_fit_switches_fastais_regularizer_off_and_counts_once():
+    "TARCallback added from another callback's before_epoch on a TextLearner: from then on the penalty is ours alone"
+    class AddLater(Callback):
+        def before_epoch(self):
+            if self.epoch == 1: self.learn.add_cb(TARCallback(alpha=2., beta=1.))
+    spy, seen = LossSpy(), RawDropped()
+    learn = text_learner(AddLater(), spy, seen)
+    reg = next(c for c in learn.cbs if isinstance(c, RNNRegularizer))
+    with pytest.warns(UserWarning, match='added during a fit'): quiet_fit(learn, 2)
+    n = len(learn.dls.train)
+    ours = [ref_penalty(2., 0., d) + ref_tar(r) for r, d in seen.seen[n:]]
+    assert spy.added[n:] == [penalty(e) for e in ours]  # once: fastai's RNNRegularizer was switched off
+    assert (reg.alpha, reg.beta) == (2., 1.) and len(learn.tar.history) == n  # given back after the fit
+    assert spy.added[:n] == [penalty(2 * ref_ar(d) + ref_tar(r)) for r, d in seen.seen[:n]]  # fastai's own before
+
+
+def test_two_callbacks_reading_the_same_term_of_the_same_place_are_refused_naming_both():
+    learn = text_learner(TARCallback())
+    learn.add_cb(TARCallback())  # a notebook cell run twice
+    with pytest.raises(ValueError, match=r"Two TARCallbacks read (AR|TAR) of '(dropped|raw)', so the penalty would "
+                                         r"count twice: TARCallback\(alpha=2.0, beta=1.0\).*Remove one"):
+        quiet_fit(learn)
+    learn = text_learner(TARCallback())
+    with pytest.raises(ValueError, match='Two TARCallbacks read'): quiet_fit(learn, cbs=TARCallback())
+    learn = text_learner(TARCallback(alpha=0.), TARCallback(beta=0.))  # one term each: both count, once each
+    spy, seen = LossSpy(stop=1), RawDropped()
+    quiet_fit(learn, cbs=[spy, seen])
+    raw, dropped = seen.seen[0]
+    assert spy.added[0] == penalty(2 * ref_ar(dropped) + ref_tar(raw))
+
+
+def test_a_coefficient_set_mid_fit_keeps_the_history_and_the_columns():
+    class WarmUp(Callback):
+        def before_batch(self):
+            if self.training and self.learn.train_iter == 6: self.learn.tar.beta = 3.
+    learn = text_learner(TARCallback(), WarmUp(), alpha=0., beta=0.)
+    spy, seen = LossSpy(), RawDropped()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3, cbs=[spy, seen])
+    n = len(learn.dls.train)
+    h = learn.tar.history
+    assert len(h) == 2 * n and h['iter'].tolist() == list(range(2 * n))  # every row kept
+    assert h['beta'].tolist() == [1.] * 6 + [3.] * (2 * n - 6)
+    assert spy.added[6] == penalty(2 * ref_ar(seen.seen[6][1]) + 3 * ref_tar(seen.seen[6][0]))
+    assert all(None not in row[2:4] for row in learn.recorder.values)  # train_ar, train_tar in every epoch
+
+
+class EMA(Callback):
+    "A model average swapped in for validation and back, as fastai users port timm's ModelEma"
+    order = 60
+    def before_fit(self): self.ema = copy.deepcopy(self.learn.model)
+    def after_step(self):
+        with torch.no_grad():
+            for p, q in zip(self.ema.parameters(), self.learn.model.parameters()): p.lerp_(q, 0.1)
+    def before_validate(self): self.saved, self.learn.model = self.learn.model, self.ema
+    def after_validate(self): self.learn.model = self.saved
+
+
+def test_a_model_swapped_in_for_validation_keeps_the_history_columns_and_contract():
+    learn = text_learner(TARCallback(valid_metrics=True), EMA(), metrics=accuracy)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-3)
+    assert not [x for x in w if 'settled again' in str(x.message)]
+    n = len(learn.dls.train)
+    assert learn.tar.history['iter'].tolist() == list(range(3 * n))  # every epoch's rows
+    names = learn.recorder.metric_names[1:-1]
+    for row in learn.recorder.values:  # train_ar, train_tar, valid_ar, valid_tar in every epoch
+        assert all(row[names.index(c)] is not None for c in ('train_ar', 'train_tar', 'valid_ar', 'valid_tar'))
+
+
+def test_remove_cb_mid_fit_keeps_the_table_aligned_and_trackers_working(tmp_path):
+    "The columns stay until the fit ends, empty; `SaveModelCallback(monitor='accuracy')` still finds accuracy"
+    class Remove(Callback):
+        def before_epoch(self):
+            if self.epoch == 1: self.learn.remove_cb(self.learn.tar)
+    model = NoDropoutLSTMLM()
+    learn = Learner(lm_dls(), model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=tmp_path,
+                    cbs=[TARCallback(), Remove(), SaveModelCallback(monitor='accuracy', fname='best')])
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-3)
+    names = learn.recorder.metric_names
+    assert names == ['epoch', 'train_loss', 'valid_loss', 'train_ar', 'train_tar', 'accuracy', 'time']
+    values = learn.recorder.values
+    assert [len(v) for v in values] == [5] * 3 and values[0][2] is not None
+    assert [v[2:4] for v in values[1:]] == [[None, None]] * 2  # removed: nothing to show
+    assert all(0 <= v[4] <= 1 for v in values)  # accuracy under its own header
+    assert not [m for m in learn.metrics if isinstance(m, PenaltyColumn)] and not hasattr(learn, 'tar')
+    assert [type(c).__name__ for c in learn.cbs if 'Drop' in type(c).__name__] == []
+
+
+class ExportInFit(Callback):
+    "`learn.export()` from a callback's after_fit ordered before ours: the fit's state is still set up"
+    order = 0
+    def after_fit(self): self.learn.export('in_fit.pkl')
+
+
+def test_a_learner_exported_mid_fit_gives_back_what_the_fit_set_up_at_its_first_event(tmp_path):
+    learn = text_learner(TARCallback(), ExportInFit(), metrics=accuracy, path=tmp_path)
+    learn.dls = lm_dls()  # Datasets-based loaders, which `export` can empty
+    quiet_fit(learn)
+    with pytest.warns(UserWarning, match='pickle'): loaded = load_learner(tmp_path / 'in_fit.pkl')
+    reg = next(c for c in loaded.cbs if isinstance(c, RNNRegularizer))
+    stale = [m for m in loaded.metrics if isinstance(m, PenaltyColumn)]
+    assert all(c.value is None for c in stale)  # exported mid-fit: empty, and named in the callback's state
+    loaded.dls = lm_dls()
+    with loaded.no_bar(): loaded.validate()  # its first event
+    assert (reg.alpha, reg.beta) == (2., 1.) and not [m for m in loaded.metrics if isinstance(m, PenaltyColumn)]
+    loaded.model(lm_dls().one_batch()[0])  # inert hooks go at the first forward
+    assert hook_ids(loaded.model) == set()
+    spy = LossSpy(stop=1)
+    quiet_fit(loaded, cbs=spy)  # and the loaded learner trains with the penalty once
+    assert (reg.alpha, reg.beta) == (2., 1.) and spy.added[0] > 1e-4

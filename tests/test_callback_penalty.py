@@ -17,8 +17,11 @@ from fastai_tar import Place, TARCallback
 
 from conftest import (Capture, LossSpy, PAD, SL, VOCAB, clas_dls, far, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty,
                       ref_tar, tiny_config, tiny_lm)
-from models import (BPTT, LENGTHS, CheckpointLM, GRULM, NoDropoutLSTMLM, VocabLSTMLM, encoded_batch, first_batch,
-                    first_grads, fit_with, flat_params, zero_loss)
+from models import (BPTT, LENGTHS, CheckpointLM, GRULM, NoDropoutLSTMLM, PlainLM, VocabLSTMLM, encoded_batch,
+                    first_batch, first_grads, fit_with, flat_params, zero_loss)
+
+
+PLAIN = PlainLM(VOCAB)  # embedding -> LSTM -> dropout -> linear
 
 
 def fit_batches(model, cbs, dls=None, n=1, loss_func=None, **kw):
@@ -314,6 +317,69 @@ def test_packed_sequence_against_reference_on_unpadded_steps():
     assert valid.sum(1).tolist() == lengths
     assert (grad - loss).item() == penalty(ref_penalty(1., 2., (h, valid)))
     assert far(ref_penalty(1., 2., h), ref_penalty(1., 2., (h, valid)))  # the padded steps would count otherwise
+
+
+# --- a mask for any model: mask=, a function of the batch ---------------------------------------------------------------
+def padded_lm_dls(lengths=(SL, 9, 5, 2)):
+    "Language-model batches whose sequences end in padding (PAD) after `lengths` real tokens; y is x shifted"
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(PAD + 1, VOCAB, (len(lengths), SL + 1), generator=g)
+    for i, n in enumerate(lengths): x[i, n:] = PAD
+    items = list(zip(x[:, :-1], x[:, 1:]))
+    dls = DataLoaders.from_dsets(items, items, bs=len(lengths), shuffle=False, device='cpu', num_workers=0)
+    dls.vocab = [f'w{i}' for i in range(VOCAB)]
+    return dls
+
+
+def by_pad(xb, yb): return xb[0] != PAD
+
+
+def test_a_mask_from_the_batch_counts_real_steps_for_ar_and_real_pairs_for_tar():
+    model = copy.deepcopy(PLAIN)
+    raws, drops, seen = Capture(model.rnn), Capture(model.drop), []
+    dls = padded_lm_dls()
+    _, spy = fit_batches(model, [TARCallback(mask=by_pad)], dls=dls)
+    real = dls.one_batch()[0] != PAD
+    expected = ref_penalty(2., 0., (drops.outputs[0], real)) + ref_penalty(0., 1., (raws.outputs[0], real))
+    assert spy.added == [penalty(expected)]
+    unmasked = ref_penalty(2., 0., drops.outputs[0]) + ref_penalty(0., 1., raws.outputs[0])
+    assert far(unmasked, expected)
+
+
+def test_a_mask_that_does_not_fit_names_both_shapes():
+    with pytest.raises(ValueError, match=r"mask= of shape \(4, 11\) does not fit 'drop', a tensor \(4, 12, 16\).*its "
+                                         r"batch x time is \(4, 12\)"):
+        fit_batches(copy.deepcopy(PLAIN), [TARCallback(mask=lambda xb, yb: by_pad(xb, yb)[:, 1:])],
+                    dls=padded_lm_dls())
+    with pytest.raises(TypeError, match=r"mask=\.\.\.\) must return a bool batch x time tensor.*int64"):
+        fit_batches(copy.deepcopy(PLAIN), [TARCallback(mask=lambda xb, yb: xb[0])], dls=padded_lm_dls())
+    with pytest.raises(TypeError, match=r"mask= takes a function of the batch"): TARCallback(mask=torch.ones(2, 2))
+
+
+def test_a_mask_beside_the_classifiers_padding_is_and_ed_with_it():
+    "Both say which steps are real: a step counts where both do (here the mask also drops each text's first token)"
+    dls = clas_dls(LENGTHS, seq_len=BPTT)
+    def not_first(xb, yb):
+        m = xb[0] != PAD
+        first = m.int().argmax(1)  # pad_first: the first real token of each text
+        m[torch.arange(len(m)), first] = False
+        return m
+    added, outs, valid = classifier_batch([TARCallback(alpha=1., beta=2., mask=not_first)], dls)
+    mine = not_first((dls.one_batch()[0],), None)
+    assert added == penalty(ref_penalty(1., 2., (outs, valid & mine)))
+    assert far(ref_penalty(1., 2., (outs, valid)), ref_penalty(1., 2., (outs, valid & mine)))
+
+
+def test_validation_metrics_use_the_mask_too():
+    model = copy.deepcopy(PLAIN)
+    raws = Capture(model.rnn)
+    dls = padded_lm_dls()
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=TARCallback(mask=by_pad, valid_metrics=True))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    real = dls.one_batch()[0] != PAD
+    names = learn.recorder.metric_names[1:-1]
+    valid_tar = learn.recorder.values[0][names.index('valid_tar')]
+    assert valid_tar == pytest.approx(ref_tar(raws.valid_outputs[0], real), rel=1e-5)
 
 
 # --- the forward that reaches the loss, not another forward in the same batch ---------------------------------------

@@ -14,11 +14,11 @@ from torch import nn
 from fastai.text.all import (AWD_LSTM, CrossEntropyLossFlat, DataLoaders, Learner, Module, ModelResetter, SGD,
                              TextLearner, language_model_learner)
 
-from fastai_tar import TARCallback
+from fastai_tar import Place, TARCallback
 
 from conftest import (Capture, LossSpy, SL, VOCAB, far, hook_ids, lm_dls, penalty, quiet_fit, ref_ar, ref_penalty,
                       ref_tar, tiny_config, tiny_lm)
-from models import CheckpointLM, PlainLM, first_batch, lmmodel7
+from models import AWDGlue, CheckpointLM, PlainLM, WordLM, first_batch, lmmodel7
 
 
 def fit_batches(learn_or_model, cbs=(), n=1, dls=None, **kw):
@@ -595,3 +595,200 @@ def test_valid_metrics_of_a_module_validation_never_calls_are_said_to_be_missing
             return self.head(x[:, -1])
     learn = Learner(_series_dls(), TrainOnly(), loss_func=_mse, cbs=TARCallback(modules='rnn', valid_metrics=True))
     with pytest.warns(UserWarning, match=r'rnn \(GRU\) did not run in validation'): quiet_fit(learn)
+
+
+# --- one candidate, or ask: each choice by identity, where one candidate exists --------------------------------------
+def hand(alpha, beta, raw, dropped, seq_dim=1):
+    "Merity's penalty by hand, in float64: AR of the dropped output, TAR of the raw one"
+    raw, dropped = raw.detach().double(), dropped.detach().double()
+    diff = raw.narrow(seq_dim, 1, raw.shape[seq_dim] - 1) - raw.narrow(seq_dim, 0, raw.shape[seq_dim] - 1)
+    return float(alpha * dropped.pow(2).mean() + beta * diff.pow(2).mean())
+
+
+def test_a_dropout_used_twice_reads_the_call_that_takes_the_rnn_output_and_asks_when_named():
+    """PyTorch's word_language_model: `self.drop` runs on the embeddings and on the LSTM's output. By default AR reads
+    the call whose input is the LSTM's output tensor; named, the module's two calls are not one sequence: the error
+    lists both (the second by where its input came from), and `Place(call=1)` picks one."""
+    model = WordLM()
+    _, spy = fit_batches(model, [TARCallback()])
+    raw, dropped, emb = model.record[0]
+    assert spy.added == [penalty(hand(2., 1., raw, dropped))]
+    both_calls = ref_penalty(2., 0., emb, dropped) + ref_tar(raw)  # what pooling every call of `drop` would give
+    assert far(both_calls, spy.added[0])
+    with pytest.raises(ValueError, match=r"'drop' \(Dropout\) ran 2 times in one forward.*call 1: input the output "
+                                         r"of 'rnn' \(LSTM\).*ar_modules=Place\('drop', call=i\)"):
+        fit_batches(WordLM(), [TARCallback(ar_modules='drop')])
+    model = WordLM()
+    learn, spy = fit_batches(model, [TARCallback(ar_modules=Place('drop', call=1))])
+    raw, dropped, _ = model.record[0]
+    assert spy.added == [penalty(hand(2., 1., raw, dropped))]
+    assert place(learn, 'AR', 'drop') == "AR drop (Dropout, call 1): alpha=2.0; named by you"
+
+
+def test_awd_lstm_lm_locked_dropout_four_calls_three_widths_is_asked_about_and_picked():
+    """The AR/TAR paper's own model: one LockedDropout called four times a forward (input, between layers, output),
+    its LSTMs behind WeightDrop, sequence-first. Named, the four calls are listed; the last call and the last layer,
+    named with `seq_dim=0`, give `main.py`'s own penalty (`dropped_rs_hidden[-1]`, `rs_hidden[-1]`)."""
+    with pytest.raises(ValueError, match=r"'model.lockdrop' \(LockedDropout\) ran 4 times in one forward.*call 0: "
+                                         r"input torch.float32 tensor \(12, 4, 8\).*call 1: input the output of "
+                                         r"'model.rnns.0' \(WeightDrop\).*call 3: input the output of 'model.rnns.2'"):
+        fit_batches(AWDGlue(VOCAB, contract=False), [TARCallback(ar_modules='model.lockdrop', modules='model.rnns.2',
+                                                                 seq_dim=0)])
+    model = AWDGlue(VOCAB, contract=False)
+    _, spy = fit_batches(model, [TARCallback(ar_modules=Place('model.lockdrop', call=-1), modules='model.rnns.2',
+                                             seq_dim=0)])
+    raw, dropped = model.record[0]
+    assert spy.added == [penalty(hand(2., 1., raw, dropped, seq_dim=0))]
+
+
+def test_the_dropout_that_takes_the_rnn_output_is_ars_by_default():
+    "embedding -> nn.LSTM -> nn.Dropout -> Linear returning logits: AR reads the dropout's output (p=0.4), not raw"
+    model = PlainLM(VOCAB)
+    raws, drops = Capture(model.rnn), Capture(model.drop)
+    learn, spy = fit_batches(model, [TARCallback()])
+    expected = hand(2., 1., raws.outputs[0], drops.outputs[0])
+    assert spy.added == [penalty(expected)] and far(hand(2., 1., raws.outputs[0], raws.outputs[0]), expected)
+    assert place(learn, 'AR', 'drop') == "AR drop (Dropout): alpha=2.0; found: the dropout that takes the output of rnn"
+
+
+def test_without_a_dropout_of_the_rnn_output_ar_reads_it_raw_and_says_so_once():
+    learn = Learner(lm_dls(), LSTMLM(), loss_func=CrossEntropyLossFlat(), cbs=TARCallback())
+    spy, warned = fit_warnings(learn, n=2)
+    said = [m for m in warned if 'no dropout module takes the output of' in m]
+    assert said == ["TARCallback: no dropout module takes the output of 'rnn' (LSTM), so AR reads it raw (Merity reads "
+                    "AR after the output dropout): name the module to read in ar_modules=, or pass alpha=0 to leave AR "
+                    "out"]
+    _, warned = fit_warnings(learn)
+    assert not [m for m in warned if 'no dropout module' in m]  # once per callback
+    assert 'no dropout takes its output, so AR reads it raw' in place(learn, 'AR', 'rnn')
+
+
+def test_naming_tars_module_leaves_ar_on_dropped(book_dls):
+    "The book's LMModel7 with modules='rnn': AR stays on fastai's dropped output (its dropout's), not on raw"
+    model = lmmodel7(book_dls)
+    raws, drops = Capture(model.rnn), Capture(model.drop)
+    learn = Learner(book_dls, model, loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter(), TARCallback(
+        modules='rnn')])
+    _, spy = fit_batches(learn)
+    expected = hand(2., 1., raws.outputs[0], drops.outputs[0])
+    assert spy.added == [penalty(expected)] and far(hand(2., 1., raws.outputs[0], raws.outputs[0]), expected)
+    assert place(learn, 'AR', 'dropped').startswith("AR dropped (output[2]): alpha=2.0")
+
+
+class _EncoderCellDecoder(Module):
+    "An nn.LSTM encoder and an nn.LSTMCell decoder stepping 3 times from its state"
+    def __init__(self): self.enc, self.dec, self.head = nn.LSTM(3, 5, batch_first=True), nn.LSTMCell(5, 5), nn.Linear(5, 1)
+    def forward(self, x):
+        out, (h, c) = self.enc(x)
+        state = (h[0], c[0])
+        for _ in range(3): state = self.dec(out[:, -1], state)
+        return self.head(state[0])
+
+
+class _AWDEncoderLSTMDecoder(Module):
+    "fastai's AWD_LSTM encoder and an nn.LSTM decoder"
+    def __init__(self):
+        self.enc, self.dec, self.head = AWD_LSTM(VOCAB, 8, 12, 2), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, VOCAB)
+    def forward(self, x): return self.head(self.dec(self.enc(x))[0])
+    def reset(self): self.enc.reset()
+
+
+def test_every_recurrent_candidate_counts_and_the_others_are_named():
+    "Cells and fastai's encoders count among several recurrent modules: the last is read, the warning names each"
+    learn = Learner(_series_dls(), _EncoderCellDecoder(), loss_func=_mse, cbs=TARCallback())
+    _, warned = fit_warnings(learn, dls=_series_dls())
+    assert "TARCallback found 2 recurrent modules and reads the last one, 'dec' (enc too): name the one to read in " \
+           "modules= (or pass all_layers=True to read each)" in warned
+    learn = Learner(lm_dls(), _AWDEncoderLSTMDecoder(), loss_func=CrossEntropyLossFlat(),
+                    cbs=[ModelResetter(), TARCallback()])
+    _, warned = fit_warnings(learn)
+    assert any("found 2 recurrent modules and reads the last one, 'dec' (enc too)" in m for m in warned)
+
+
+class _TwoStreams(Module):
+    "One LSTMCell stepping two streams in one loop, a0, b0, a1, b1, ...: two sequences of steps"
+    def __init__(self): self.cell, self.head = nn.LSTMCell(3, 4), nn.Linear(8, 1)
+    def forward(self, x):
+        a = b = None
+        for t in range(x.shape[1]): a, b = self.cell(x[:, t], a), self.cell(-x[:, t], b)
+        return self.head(torch.cat([a[0], b[0]], -1))
+
+
+def test_calls_that_do_not_chain_are_not_one_sequence():
+    "Stream A's steps are not followed by stream B's: asked about; `call='all'` reads each stream's TAR apart"
+    learn = Learner(_series_dls(), _TwoStreams(), loss_func=_mse, cbs=TARCallback(alpha=0.))
+    with pytest.raises(ValueError, match=r"'cell' \(LSTMCell\) ran 12 times.*2 sequences of steps \(calls 0, 2, 4, "
+                                         r"6, 8, 10; 1, 3, 5, 7, 9, 11\).*call='all'"):
+        quiet_fit(learn)
+    model, spy = _TwoStreams(), LossSpy(stop=1)
+    cap = Capture(model.cell)
+    quiet_fit(Learner(_series_dls(), model, loss_func=_mse, cbs=[TARCallback(alpha=0., modules=Place(
+        'cell', call='all')), spy]))
+    steps = cap.outputs[:12]  # the first batch's calls: h of a0, b0, a1, b1, ...
+    a, b = torch.stack(steps[0::2], 1), torch.stack(steps[1::2], 1)
+    expected = ref_penalty(0., 1., a, b)  # TAR within each stream, pooled
+    assert spy.added[0] == penalty(expected) and far(ref_tar(torch.stack(steps, 1)), expected)
+
+
+def test_contract_true_on_a_sequence_first_raw_asks_for_seq_dim_and_reads_it():
+    """awd-lstm-lm's model in a fastai glue returning (logits, raw, dropped), time x batch x features, with
+    contract=True (as the error text for the tuple suggests): the batch size refuses fastai's batch-first reading"""
+    with pytest.raises(ValueError, match=r"TARCallback reads TAR from the model's raw \(output\[1\]\), a "
+                                         r"torch.float32 tensor \(12, 4, 8\), as fastai's batch-first.*first axis is not "
+                                         r"the batch of 4: pass seq_dim="):
+        fit_batches(AWDGlue(VOCAB), [TARCallback(contract=True)])
+    model = AWDGlue(VOCAB)
+    _, spy = fit_batches(model, [TARCallback(contract=True, seq_dim=0)])
+    raw, dropped = model.record[0]
+    assert spy.added == [penalty(hand(2., 1., raw, dropped, seq_dim=0))]
+
+
+def test_a_seq_dim_that_contradicts_fastais_layout_is_an_error_naming_both():
+    learn = Learner(lm_dls(), tiny_lm(), loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter(), TARCallback(
+        seq_dim=0)])
+    with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of raw's output \(AWD_LSTM\), which is 1 "
+                                         r"\(fastai's text modules are batch-first\)"):
+        quiet_fit(learn)
+
+
+class _Gated(Module):
+    "A gated pair: (gate, value), both batch x time x 4"
+    def __init__(self): self.l = nn.Linear(3, 8)
+    def forward(self, x): return tuple(self.l(x).chunk(2, -1))
+
+
+class _PairModel(Module):
+    def __init__(self): self.block, self.head = _Gated(), nn.Linear(4, 1)
+    def forward(self, x):
+        gate, value = self.block(x)
+        return self.head(torch.sigmoid(gate) * value)[:, -1]
+
+
+def test_several_tensors_in_a_named_output_are_asked_about_and_place_picks_one():
+    learn = Learner(_series_dls(), _PairModel(), loss_func=_mse, cbs=TARCallback(modules='block', seq_dim=1))
+    with pytest.raises(ValueError, match=r"'block' \(_Gated\) returns 2 float tensors.*modules=Place\('block', "
+                                         r"item=...\), one of \[0, 1\]"):
+        quiet_fit(learn)
+    model, spy, seen = _PairModel(), LossSpy(stop=1), []
+    model.block.register_forward_hook(lambda m, i, out: seen.append([o.detach().clone() for o in out]))
+    learn = Learner(_series_dls(), model, loss_func=_mse, cbs=[TARCallback(modules=Place('block', item=1),
+                                                                           seq_dim=1), spy])
+    quiet_fit(learn)
+    gate, value = seen[0]
+    expected = hand(2., 1., value, value)  # no dropout takes the value: AR reads it too
+    assert spy.added[0] == penalty(expected) and far(hand(2., 1., gate, gate), expected)
+    assert place(learn, 'TAR', 'block') == "TAR block (_Gated, item 1): beta=1.0; time axis 1 (seq_dim=1, yours); " \
+                                           "named by you"
+
+
+def test_a_wrapper_that_calls_forward_directly_is_named_not_a_false_error():
+    """awd-lstm-lm's WeightDrop calls its LSTM's forward directly, so the LSTM's hooks never fire: the error says so
+    and names the wrapper; the tuple's error says the recurrent modules ran no hook, not that raw is no RNN output"""
+    with pytest.raises(RuntimeError, match=r"reads model.rnns.2.module \(LSTM\) but it did not run through its hooks, "
+                                           r"though 'model.rnns.2' \(WeightDrop\), which holds it, ran: it calls the "
+                                           r"forward of 'model.rnns.2.module' directly.*Name 'model.rnns.2' in modules="):
+        fit_batches(AWDGlue(VOCAB, contract=False), [TARCallback()])
+    with pytest.raises(TypeError, match=r"its raw item is not the output of a recurrent module.*the model's recurrent "
+                                        r"modules ran no hook in this forward: a wrapper that calls their forward "
+                                        r"directly, as awd-lstm-lm's WeightDrop does, skips hooks"):
+        fit_batches(AWDGlue(VOCAB), [TARCallback()])
