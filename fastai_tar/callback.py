@@ -13,7 +13,7 @@ from .fastai_interop import (FastaiRegularizerSwitch, autocast_state, batch_size
                              rnn_callback_output)
 from .functional import mean_of
 from .hooks import TARHooks
-from .plan import KINDS, describe, unwrap_model
+from .plan import KINDS, describe
 from .report import PenaltyReport, drop_columns, plot_history
 from .schedule import describe_coef, may_be_on
 
@@ -144,19 +144,20 @@ class TARCallback(Callback):
         hooks.capture.forget()  # no activation is kept past this event but in the sums' graph
         output = fwd.output if fwd is not None else rnn_callback_output(learn, learn.pred)
         plan = hooks.plan or (None if training else hooks.borrow_plan())
-        contract, why = self._contract(output, fwd, plan, training)
-        if contract is not None:  # the loss gets the logits, as with RNNCallback; as they stand now: a callback
-            # ordered before ours may have changed them (a temperature)
-            if isinstance(learn.pred, (tuple, list)): learn.pred = learn.pred[0]
-        else: check_loss_input(learn.pred, learn.loss_func, why)
+        contract = None
+        if isinstance(output, (tuple, list)):  # (a model's plain tensor output needs no call here: every batch)
+            contract, why = self._contract(output, fwd, plan, training)
+            if contract is not None:  # the loss gets the logits, as with RNNCallback; as they stand now: a callback
+                # ordered before ours may have changed them (a temperature)
+                if isinstance(learn.pred, (tuple, list)): learn.pred = learn.pred[0]
+            else: check_loss_input(learn.pred, learn.loss_func, why)
         if fwd is None: return
         if not training and (not self.valid_metrics or plan is None or in_validation_context(learn)): return
-        if contract is None and plan is not None and any(r.module is None for r in plan.reads):
-            return self._no_contract(output, training)
+        if contract is None and plan is not None and plan.reads_output: return self._no_contract(output, training)
         mask = None if self.mask is None else self._mask()
         stats, coefs = hooks.sums(learn.pct_train, contract, None if plan else batch_size(learn), mask, plan, fwd)
-        if plan is None: self._settled(hooks.plan)
-        self._batch.update(stats=stats, coefs=coefs)
+        if plan is None: self._settled(plan := hooks.plan)
+        self._batch.update(stats=stats, coefs=coefs, reads=plan.reads)
 
     def _mask(self):
         mask = self.mask(self.learn.xb, self.learn.yb)
@@ -166,11 +167,12 @@ class TARCallback(Callback):
         return mask
 
     def _contract(self, output, fwd, plan, training):
-        "fastai's (logits, raw, dropped) when the output is it for certain, and why not otherwise"
-        if not isinstance(output, (tuple, list)): return None, ''
+        "fastai's (logits, raw, dropped) when the output, a tuple, is it for certain, and why not otherwise"
         known = None if plan is None else plan.contract
-        contract, why = certain_contract(output, unwrap_model(self.learn.model), fwd, self.contract,
-                                         known if not training or known else None)
+        # in training, a settled contract is checked exactly: raw is the output of the module that returned it then
+        contract, why = certain_contract(output, self.learn.model, fwd, self.contract,
+                                         known if not training or known else None,
+                                         plan.producers if training and known else None)
         if training and contract is None and has_contract_form(output):
             if known:
                 raise TypeError(f"TARCallback: the first training batch's output was fastai's (logits, raw, dropped) "
@@ -213,15 +215,19 @@ class TARCallback(Callback):
     @_cleans_up_on_error
     def after_loss(self):
         if not self.learn.training or 'stats' not in self._batch: return
-        stats, coefs = self._batch['stats'], self._batch['coefs']
-        reads = self.hooks.plan.reads
-        weighted = {r: mean_of(*stats[r], c) for r, c in zip(reads, coefs) if r in stats}
-        if weighted: self.learn.loss_grad = self.learn.loss_grad + sum(weighted.values())
+        stats, coefs, reads = self._batch['stats'], self._batch['coefs'], self._batch['reads']
+        weighted, total = {}, None
+        for r, c in zip(reads, coefs):  # (a loop, not a comprehension: this runs at every batch)
+            if r in stats:
+                w = weighted[r] = mean_of(*stats[r], c)
+                total = w if total is None else total + w
+        if total is not None: self.learn.loss_grad = self.learn.loss_grad + total
         self._report.record(self.learn.train_iter, self.learn.loss, weighted, coefs)
 
     def after_batch(self):
         if not self.learn.training and 'stats' in self._batch: self._report.add_valid(self._batch['stats'])
-        self.hooks.capture.forget()  # also a batch that a callback cancelled before after_pred
+        cap = self.hooks.capture
+        if cap.forward is not None or cap.calls is not None: cap.forget()  # a batch cancelled before after_pred
         self._batch.clear()  # in training the sums hold the graph, and so the activations
 
     # --- what the penalty did: fit-table columns, history, plot ----------------------------------------

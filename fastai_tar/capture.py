@@ -8,16 +8,15 @@ runs inside a checkpointed region, a compiled graph and `nn.DataParallel`'s repl
 import torch
 from torch import nn
 
-from .module_facts import first_tensor
 
-__all__ = ['Forward', 'Capture']
+__all__ = ['Forward', 'Capture', 'versions']
 
 
 class Forward:
     """One forward that counts: the model's input and output, whether it trains, and each call of a watched module
-    as `(module, args, kwargs, output, version, grad_enabled, called)`, in call order: `version` is the version counter
-    of the output's first tensor when it was returned (None inside a compiled graph or in inference mode), `called`
-    the module that ran (`module` itself, or its replica under `nn.DataParallel`)."""
+    as `(module, args, kwargs, output, versions, grad_enabled, called)`, in call order: `versions` are the version
+    counters of the output's tensors when it was returned (`versions`), `called` the module that ran (`module`
+    itself, or its replica under `nn.DataParallel`)."""
     __slots__ = ('args', 'kwargs', 'output', 'training', 'calls')
 
     def __init__(self, args, kwargs, output, training, calls):
@@ -46,10 +45,23 @@ class _ModuleTap(_Tap):
         if cap is None: return self._remove_from(module)
         calls = cap.calls
         if calls is None: return
-        # (a compiled graph has no version counters to read, nor have inference-mode tensors)
-        t = None if torch.compiler.is_compiling() else first_tensor(output)
-        version = None if t is None or not isinstance(t, torch.Tensor) or t.is_inference() else t._version
-        calls.append((self.module, args, kwargs, output, version, torch.is_grad_enabled(), module))
+        # (a tensor's version without a call: this runs at every call of a watched module)
+        v = None if torch.compiler.is_compiling() else output._version if type(output) is torch.Tensor and \
+            not output.is_inference() else versions(output)
+        calls.append((self.module, args, kwargs, output, v, torch.is_grad_enabled(), module))
+
+
+def versions(output):
+    """The version counter of the output's tensors (of each top-level item of a tuple, list or dict): a later in-place
+    change shows in it. None inside a compiled graph, or for inference-mode tensors, which have none."""
+    if torch.compiler.is_compiling(): return None
+    if isinstance(output, torch.Tensor): return None if output.is_inference() else output._version
+    items = output.items() if isinstance(output, dict) else enumerate(output) if isinstance(output, (tuple, list)) \
+        else ()
+    got = {}
+    for k, x in items:  # (a loop, not a comprehension: this runs at every call of a watched module)
+        if isinstance(x, torch.Tensor) and not x.is_inference(): got[k] = x._version
+    return got
 
 
 class _RootPreTap(_Tap):

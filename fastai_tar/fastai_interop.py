@@ -27,7 +27,7 @@ from fastai.torch_core import find_bs
 from torch import Tensor, nn
 
 from .module_facts import first_tensor, is_recurrent
-from .plan import Contract, describe
+from .plan import Contract, describe, unwrap_model
 
 __all__ = ['TupleLossError', 'FastaiRegularizerSwitch', 'certain_contract', 'check_loss_input', 'has_contract_form',
            'rnn_callback_output', 'learner_forward', 'fit_running', 'in_validation_context', 'batch_size',
@@ -41,25 +41,29 @@ def _layers(x) -> list | None:
     return None
 
 
-def _why_not_form(pred, strict: bool) -> str | None:
-    "Why `pred` has not the contract's form; None when it has. `strict`: the recognition rule, else the forced one."
-    if not isinstance(pred, (tuple, list)): return f"it is a {describe(pred)}, not a tuple of three"
-    if len(pred) != 3: return f"it has {len(pred)} items, not three"
+def _why_not_form(pred, strict: bool) -> tuple[str | None, list | None, list | None]:
+    """`(why not, raw layers, dropped layers)`: why `pred` has not the contract's form (None when it has), and its
+    items as lists of layers. `strict`: the recognition rule, else the one `contract=True` forces."""
+    if not isinstance(pred, (tuple, list)): return f"it is a {describe(pred)}, not a tuple of three", None, None
+    if len(pred) != 3: return f"it has {len(pred)} items, not three", None, None
     logits, raw, dropped = pred
     if not isinstance(logits, Tensor) or logits.dim() == 0 or (strict and not logits.is_floating_point()):
-        return f"its first item (the logits) is a {describe(logits)}"
+        return f"its first item (the logits) is a {describe(logits)}", None, None
     raws, drops, min_dim = _layers(raw), _layers(dropped), 3 if strict else 2
     for i, name, x, xs in ((1, 'raw', raw, raws), (2, 'dropped', dropped, drops)):
-        if xs is None or not all(t.is_floating_point() and t.dim() >= min_dim for t in xs):
-            return f"item {i} ({name}) is a {describe(x)}, not a float tensor of at least {min_dim} dims or a list " \
-                   "of them"
-    if len(raws) != len(drops): return f"raw has {len(raws)} layers and dropped {len(drops)}"
-    if not strict: return None
-    for i, (r, d) in enumerate(zip(raws, drops)):
-        if r.shape != d.shape: return f"raw and dropped differ in shape at layer {i}: {describe(r)}, {describe(d)}"
-        if logits.shape[0] not in r.shape[:2] or logits.dim() >= 3 and logits.shape[1] not in r.shape[:2]:
-            return f"raw's leading dims {tuple(r.shape[:2])} are not the logits' {tuple(logits.shape[:2])}"
-    return None
+        for t in xs or [None]:  # (a loop, not `all(...)`: this runs at every batch)
+            if t is None or not t.is_floating_point() or t.dim() < min_dim:
+                return (f"item {i} ({name}) is a {describe(x)}, not a float tensor of at least {min_dim} dims or a "
+                        "list of them", None, None)
+    if len(raws) != len(drops): return f"raw has {len(raws)} layers and dropped {len(drops)}", None, None
+    if strict:
+        for i, (r, d) in enumerate(zip(raws, drops)):
+            if r.shape != d.shape:
+                return f"raw and dropped differ in shape at layer {i}: {describe(r)}, {describe(d)}", None, None
+            if logits.shape[0] not in r.shape[:2] or logits.dim() >= 3 and logits.shape[1] not in r.shape[:2]:
+                return f"raw's leading dims {tuple(r.shape[:2])} are not the logits' {tuple(logits.shape[:2])}", \
+                    None, None
+    return None, raws, drops
 
 
 # The autograd nodes of a dropout: `nn.Dropout`'s, and fastai's `RNNDropout`, a product with a mask
@@ -68,7 +72,7 @@ _DROPOUT_NODES = ('NativeDropoutBackward0', 'FusedDropoutBackward0', 'MulBackwar
 
 def has_contract_form(pred) -> bool:
     "Whether `pred` has the form of fastai's `(logits, raw, dropped)`, whatever made it"
-    return _why_not_form(pred, strict=True) is None
+    return _why_not_form(pred, strict=True)[0] is None
 
 
 def _made_from(dropped: Tensor, raw: Tensor) -> bool:
@@ -83,9 +87,15 @@ def _is_fastai_text_model(model: nn.Module) -> bool:
     return any(isinstance(m, (LinearDecoder, PoolingLinearClassifier)) for m in model.modules())
 
 
-def recurrent_outputs(fwd) -> dict:
-    "id of the first tensor each recurrent module's call returned in the forward -> (that module, its version then)"
-    return {id(first_tensor(c[3])): (c[0], c[4]) for c in fwd.calls if is_recurrent(c[0])} if fwd is not None else {}
+def recurrent_outputs(fwd, modules=None) -> dict:
+    """id of the first tensor each call of a recurrent module returned in the forward -> (that module, its version
+    then); `modules`: only theirs (the plan's producers of raw, known once the contract is settled)"""
+    found = {}
+    for c in () if fwd is None else fwd.calls:  # (a loop, not a comprehension: this runs at every batch)
+        if c[0] in modules if modules is not None else is_recurrent(c[0]):  # (modules compare by identity)
+            v = c[4]
+            found[id(first_tensor(c[3]))] = (c[0], v.get(0) if isinstance(v, dict) else v)
+    return found
 
 
 def _silent_rnn(model: nn.Module, produced: dict) -> str:
@@ -97,40 +107,44 @@ def _silent_rnn(model: nn.Module, produced: dict) -> str:
 
 def certain_contract(
     pred,  # the model's whole output
-    model: nn.Module,  # the learner's model, unwrapped
+    model: nn.Module,  # the learner's model
     fwd,  # the forward (`capture.Forward`), watched on the model's recurrent modules; None where none was captured
     contract: bool | None,  # `TARCallback(contract=...)`
     known: bool | None = None,  # what the first training forward showed: a contract for certain, or not
+    producers: list | None = None,  # where it was: the modules that returned raw then (None where none did)
 ) -> tuple[Contract | None, str]:
     "`(Contract, '')` when `pred` is fastai's `(logits, raw, dropped)` for certain (see the module), else `(None, why)`"
     if contract is False: return None, "TARCallback(contract=False) leaves tuples to the loss"
-    why = _why_not_form(pred, strict=not contract)
+    why, raws, drops = _why_not_form(pred, strict=not contract)
     if why is not None:
         if contract:
             raise TypeError(f"TARCallback(contract=True) cannot read the model's output as fastai's (logits, raw, "
                             f"dropped): {why}")
         return None, f"it is not read as fastai's (logits, raw, dropped): {why}"
-    logits, raw, dropped = pred
-    raws, drops = _layers(raw), _layers(dropped)
-    produced = recurrent_outputs(fwd)
-    producers = [produced.get(id(r), (None, None))[0] for r in raws]
     if known is False and not contract:  # outside training the graph that showed where `dropped` came from is gone
         return None, "it is not read as fastai's (logits, raw, dropped): the first training batch's output was not it"
-    if not contract and not known and not _is_fastai_text_model(model):
-        if None in producers:
+    produced = recurrent_outputs(fwd, producers)
+    found, versions = [], []
+    for r in raws:  # (a loop, not comprehensions: this runs at every batch)
+        p, v = produced.get(id(r), (None, None))
+        found.append(p); versions.append(v)
+    if not contract and not known and not _is_fastai_text_model(unwrap_model(model)):
+        if None in found:
             return None, ("it is not read as fastai's (logits, raw, dropped): its raw item is not the output of a "
                           "recurrent module (nn.LSTM, nn.GRU, nn.RNN, fastai's AWD_LSTM) in this forward"
                           + _silent_rnn(model, produced))
         if not all(_made_from(d, r) for d, r in zip(drops, raws)):
             return None, ("it is not read as fastai's (logits, raw, dropped): its dropped item is not raw or a dropout "
                           "of it")
-    for r, p in zip(raws, producers):  # each raw as it left its RNN: an in-place op since then would change TAR
-        version = produced.get(id(r), (None, None))[1]
-        if p is not None and version is not None and r._version != version:
+    if producers is not None and found != producers:
+        return None, ("it is not read as fastai's (logits, raw, dropped): its raw item is not the output of the module "
+                      "that returned it at the first training batch")
+    for r, p, version in zip(raws, found, versions):  # each raw as it left its RNN: an in-place op would change TAR
+        if version is not None and r._version != version:
             raise RuntimeError(f"TARCallback reads TAR from the model's raw output, the output of {type(p).__name__}, "
                                "but it was changed in place after the module returned it: make that op out-of-place "
                                "(`raw = raw + x`)")
-    return Contract(logits, raws, drops, per_layer=not isinstance(raw, Tensor), producers=producers), ''
+    return Contract(pred[0], raws, drops, per_layer=not isinstance(pred[1], Tensor), producers=found), ''
 
 
 # --- losses ----------------------------------------------------------------------------------------------------------

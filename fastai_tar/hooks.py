@@ -60,18 +60,21 @@ class TARHooks:
         self.capture = Capture(accept, on_raise or (lambda cap: cap.forget()))
         self._plans = weakref.WeakKeyDictionary()  # model -> its Plan
         self._request, self._said, self._last_places, self.owner = None, set(), None, owner
+        self._current = None  # the model's plan, once checked against the arguments: each batch reads it without a check
         self.terms = {}  # the last penalty's weighted terms, detached: {'ar': ..., 'tar': ...}
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
-        if name in _READ_ARGS: object.__setattr__(self, '_request', None)  # read at the next training forward
+        if name in _READ_ARGS or name == 'model':  # read at the next training forward
+            object.__setattr__(self, '_request', None)
+            object.__setattr__(self, '_current', None)
 
     # --- hooks on and off -------------------------------------------------------------------------------------
     def open(self,
         model: nn.Module | None = None,  # another model to read (the plan of each model is kept)
     ):
         "Put the hooks on the model; the next training forward settles the plan where it is not yet settled"
-        if model is not None: object.__setattr__(self, 'model', model)
+        if model is not None: self.model = model
         if self.model is None: raise ValueError("TARHooks has no model to hook: pass one")
         self.capture.open(self.model)
         self.prepare()
@@ -101,8 +104,10 @@ class TARHooks:
     @property
     def plan(self) -> Plan | None:
         "The settled plan of the model, while the arguments are those it was settled for; else None"
+        if self._current is not None: return self._current
         plan = self._plans.get(self.model) if self.model is not None else None
         if plan is not None and plan.request != self.request: plan = self._drop()  # settled again, and said so
+        self._current = plan
         return plan
 
     @property
@@ -137,13 +142,13 @@ class TARHooks:
             self.capture.watch(plan.watch if plan is not None else settle_watch(self.model, self.request))
 
     def _drop(self):
-        self._last_places = str(self._plans.pop(self.model))
+        self._last_places, self._current = str(self._plans.pop(self.model)), None
         return None
 
     def settle(self, fwd, contract=None, batch_size=None) -> Plan:
         "Settle the plan of the model from a training forward; warn where it reads elsewhere than before"
         plan = settle(self.model, self.request, fwd, contract, batch_size)
-        self._plans[self.model] = plan
+        self._plans[self.model] = self._current = plan
         if self._last_places is not None and str(plan) != self._last_places:
             warnings.warn(f"TARCallback: the model's modules (or the arguments) changed since its plan was settled, so "
                           f"it was settled again; it now reads:\n{self.describe(plan.reads)}", stacklevel=3)
@@ -153,11 +158,15 @@ class TARHooks:
         return plan
 
     def borrow_plan(self) -> Plan | None:
-        "For a model without a plan (a copy swapped in for validation): the plan of a model of the same structure"
+        """For a model without a plan (a copy swapped in for validation): the plan of a model of the same structure,
+        read on this one by name, and kept as its plan"""
+        if not self._plans: return None
         mine = structure(self.model)
         for model, plan in list(self._plans.items()):
             if plan.request == self.request and structure(model) == mine:
-                return plan.on(unwrap_model(self.model))
+                self._plans[self.model] = self._current = plan.on(unwrap_model(self.model))
+                if self.capture.is_open: self.capture.watch(self._current.watch)
+                return self._current
         return None
 
     def say_once(self, key: str, message: str):
@@ -197,8 +206,9 @@ class TARHooks:
             if key is not None: c = c[key]
             coefs.append(coef_at(c, pct, r.coef_arg) if callable(c) else float(c))
         # a TAR without a time axis is off (its coefficient was 0 when settled), also for the validation metrics
-        reads = [r for r, c in zip(plan.reads, coefs) if (c or not fwd.training) and (r.kind != 'tar' or
-                                                                                     r.seq_dim is not None)]
+        reads = []
+        for r, c in zip(plan.reads, coefs):  # (a loop, not a comprehension: this runs at every batch)
+            if (c or not fwd.training) and (r.kind != 'tar' or r.seq_dim is not None): reads.append(r)
         missing = []
         try: parts = gather(reads, fwd, contract, mask, missing)
         except PlanBroken as e:

@@ -159,6 +159,8 @@ class Plan:
     fingerprint: tuple
     watch: list = field(repr=False)  # the modules whose calls each forward needs
     notes: list = field(default_factory=list)  # (key, message): what to say once
+    producers: list | None = None  # the contract's: per layer, the module that returned raw (None where none did)
+    reads_output: bool = False  # a read takes an item of the contract, which each forward must return then
 
     def __str__(self): return '\n'.join(map(repr, self.reads))
 
@@ -171,7 +173,8 @@ class Plan:
             return None if r is None else moved[id(r)]
         reads = [move(r) for r in self.reads]
         watch = [r.module for r in reads if r.module is not None] + [r.via.module for r in reads if r.via]
-        return Plan(reads, self.request, self.contract, fingerprint(model), list({id(m): m for m in watch}.values()))
+        return Plan(reads, self.request, self.contract, fingerprint(model), list({id(m): m for m in watch}.values()),
+                    reads_output=self.reads_output)
 
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -241,7 +244,7 @@ def _graded(calls: list, training: bool) -> list:
 
 def _activation(call, item):
     out = call[3] if item is None else call[3][item]
-    return out.data if isinstance(out, PackedSequence) else out
+    return out.data if type(out) is PackedSequence else out
 
 
 def sequences(module: nn.Module, calls: list) -> list:
@@ -503,9 +506,13 @@ def _found_reads(model, req: Request, seen: _Seen) -> list:
     return reads
 
 
-def activations(read: Read, calls: list) -> list:
-    "The tensors a module read takes from its calls (a PackedSequence's data): what AR's dropout must receive"
-    return [_activation(c, read.item) for c in select_calls(read, calls)]
+def activations(read: Read, calls: list, training: bool = False) -> list:
+    """The tensors a module read takes from its calls (a PackedSequence's data): what AR's dropout must receive. In
+    training, of the calls with gradient."""
+    found = []
+    for c in calls if read.call is None else select_calls(read, calls):  # (a loop: this runs at every batch)
+        if c[5] or not training: found.append(_activation(c, read.item))
+    return found
 
 
 def _ar_of(tar_reads: list, req: Request, seen: _Seen, model) -> tuple[list, list]:
@@ -606,7 +613,8 @@ def settle(
     reads = ar + tar
     watch = [r.module for r in reads if r.module is not None] + [r.via.module for r in reads if r.via is not None]
     if contract is not None: watch += [p for p in contract.producers if p is not None]
-    return Plan(reads, req, contract is not None, fingerprint(inner), list({id(m): m for m in watch}.values()), notes)
+    return Plan(reads, req, contract is not None, fingerprint(inner), list({id(m): m for m in watch}.values()), notes,
+                None if contract is None else contract.producers, any(r.module is None for r in reads))
 
 
 def describe_candidates(

@@ -22,23 +22,25 @@ class PlanBroken(RuntimeError):
     "A batch's forward no longer does what the plan was settled on: its owner settles again or says why it cannot."
 
 
-def _unpack(read, out) -> tuple[Tensor, Tensor | None, bool]:
-    "`(h, mask, packed)` of a call's output: mask True where the position is real data"
+def _read(read, call) -> tuple[Tensor, Tensor | None, bool]:
+    "`(h, mask, packed)` of one call: the read item of its output, checked unchanged; mask True where data is real"
+    out, versions = call[3], call[4]
     x = out if read.item is None else out[read.item]
+    if isinstance(x, Tensor) and x.is_floating_point() and x.dim() > 0:
+        version = versions if read.item is None or versions is None else versions.get(read.item)
+        if version is not None and x._version != version: _changed_in_place(read, x)
+        return x, (~out[1] if read.masked else None), False
     if isinstance(x, PackedSequence):
         h, lengths = pad_packed_sequence(x, batch_first=True)
         # the lengths are on the host: an asynchronous copy, so that no batch waits for the device
         lengths = lengths.to(h.device, non_blocking=True)
         return h, torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None], True
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError(f"TARCallback cannot read {read.name!r} ({read.where}): this batch it returned a "
-                        f"{describe(x)}, where the plan read a float tensor")
-    return x, (~out[1] if read.masked else None), False
+    raise TypeError(f"TARCallback cannot read {read.name!r} ({read.where}): this batch it returned a "
+                    f"{describe(x)}, where the plan read a float tensor")
 
 
-def _check_unchanged(read, t, version):
-    "The tensor must be as it left the module: an in-place op since then would change what the penalty reads."
-    if version is None or not isinstance(t, Tensor) or t._version == version: return
+def _changed_in_place(read, t: Tensor):
+    "The tensor is not as it left the module: an in-place op since then would change what the penalty reads."
     op = type(t.grad_fn).__name__ if t.grad_fn is not None else 'an in-place op'
     raise RuntimeError(
         f"TARCallback reads {read.name} ({read.kind.upper()}), but its output was changed in place after it left "
@@ -63,13 +65,13 @@ def _axis(read, h: Tensor, packed: bool) -> int | None:
     return read.seq_dim % h.dim()
 
 
-def _part(read, calls: list) -> tuple:
-    "`(h, mask, seq_dim)` of one sequence of calls: a call alone, or steps joined in call order along the time axis"
+def _part(read, calls: list, axis: bool) -> tuple:
+    """`(h, mask, seq_dim)` of one sequence of calls: a call alone, or steps joined in call order along the time axis.
+    `axis`: find the time axis (TAR, and AR where a mask or steps need it)"""
     parts = []
     for c in calls:
-        h, mask, packed = _unpack(read, c[3])
-        _check_unchanged(read, first_tensor(c[3]), c[4])
-        sd = _axis(read, h, packed)
+        h, mask, packed = _read(read, c)
+        sd = _axis(read, h, packed) if axis and read.seq_dim is not None else None
         if read.steps and sd is not None:  # a cell's output has no time axis: each call is one step
             h, mask = h.unsqueeze(sd), None if mask is None else mask.unsqueeze(sd)
         parts.append((h, mask, sd))
@@ -84,18 +86,23 @@ def _part(read, calls: list) -> tuple:
     return torch.cat([h for h, _, _ in parts], sd), mask, sd
 
 
-def _module_parts(read, calls: list, training: bool, via_tensors: set | None) -> list:
+def _module_parts(read, calls: list, training: bool, via_ids: set | None, axis: bool) -> list:
     "A module read's `(h, mask, seq_dim)` parts, by the plan's rule, from its calls in this forward"
+    if len(calls) == 1 and read.call is None:  # the common case, without a further call
+        c = calls[0]
+        if training and not c[5] or via_ids is not None and (not c[1] or id(first_tensor(c[1])) not in via_ids):
+            return []
+        return [_part(read, calls, axis)]
     if training: calls = [c for c in calls if c[5]]
-    if via_tensors is not None: calls = [c for c in calls if c[1] and id(first_tensor(c[1])) in via_tensors]
+    if via_ids is not None: calls = [c for c in calls if c[1] and id(first_tensor(c[1])) in via_ids]
     if not calls: return []
-    if via_tensors is not None:  # the dropout's calls that took what `via` read: a cell's steps joined, else apart
-        return [_part(read, calls)] if read.steps else [_part(read, [c]) for c in calls]
+    if via_ids is not None:  # the dropout's calls that took what `via` read: a cell's steps joined, else apart
+        return [_part(read, calls, True)] if read.steps else [_part(read, [c], axis) for c in calls]
     calls = select_calls(read, calls)
     if read.call is None and not one_sequence(read.module, calls):
         raise PlanBroken(f"{read.name!r} ran {len(calls)} times in this forward, and its calls are not the steps of "
                          "one sequence, as they were when the plan was settled")
-    return [_part(read, s) for s in sequences(read.module, calls)]
+    return [_part(read, s, True) for s in sequences(read.module, calls)]
 
 
 def _user_mask(read, parts: list, mask: Tensor) -> list:
@@ -134,13 +141,14 @@ def gather(
     for r in reads:
         if r.module is None:
             h = getattr(contract, KINDS[r.kind].item_name)[r.layer]
-            ps = [(h, None, None if r.seq_dim is None else _axis(r, h, False))]
+            # (AR needs its time axis only for a mask)
+            ps = [(h, None, None if r.seq_dim is None or r.kind == 'ar' and mask is None else _axis(r, h, False))]
         else:
             via = None
             if r.via is not None:  # the calls whose input is what `via` reads, by identity
-                via_calls = by_module.get(id(r.via.module), [])
-                via = {id(x) for x in activations(r.via, [c for c in via_calls if c[5]] if fwd.training else via_calls)}
-            ps = _module_parts(r, by_module.get(id(r.module), []), fwd.training, via)
+                via = set(map(id, activations(r.via, by_module.get(id(r.via.module), ()), fwd.training)))
+            axis = r.kind == 'tar' or mask is not None  # (AR's time axis is for a mask alone)
+            ps = _module_parts(r, by_module.get(id(r.module), []), fwd.training, via, axis)
             if not ps and missing is not None and not fwd.training:
                 missing.append(r)
                 continue
@@ -155,13 +163,16 @@ def term_sums(
     parts: dict,  # read -> its `(h, mask, seq_dim)` parts (`gather`)
 ) -> dict:
     "read -> (sum, count) pooled over its parts; one AR and one TAR part together in one fused autograd node"
+    if len(parts) == 2:  # the common case, AR and TAR of one place each: one call
+        (ar, ar_parts), (tar, tar_parts) = parts.items()
+        if ar.kind == 'tar': (ar, ar_parts), (tar, tar_parts) = (tar, tar_parts), (ar, ar_parts)
+        if ar.kind == 'ar' and tar.kind == 'tar' and len(ar_parts) == len(tar_parts) == 1 and \
+                ar.feature_dim == tar.feature_dim:
+            (a, am, _), (t, tm, sd) = ar_parts[0], tar_parts[0]
+            stats = {}
+            stats[ar], stats[tar] = ar_tar_sum_count(a, t, am, tm, seq_dim=sd, feature_dim=tar.feature_dim)
+            return stats
     stats, reads = {}, [r for r in parts if parts[r]]
-    if len(reads) == 2 and all(len(parts[r]) == 1 for r in reads) and {r.kind for r in reads} == set(KINDS) and \
-            reads[0].feature_dim == reads[1].feature_dim:
-        ar, tar = sorted(reads, key=lambda r: r.kind != 'ar')
-        (a, am, _), (t, tm, sd) = parts[ar][0], parts[tar][0]
-        stats[ar], stats[tar] = ar_tar_sum_count(a, t, am, tm, seq_dim=sd, feature_dim=tar.feature_dim)
-        return stats
     for r in reads:
         for h, mask, sd in parts[r]:
             pair = (None, h) if r.kind == 'tar' else (h, None)

@@ -234,7 +234,9 @@ class PenaltyReport:
     def record(self, it, loss, weighted: dict, coefs: list):
         "One history row, which also feeds the fit table's epoch means. No `.item()`: no device sync per batch."
         zero = None if len(weighted) == len(self.reads) else loss.new_zeros((), dtype=torch.float32)
-        self.log.add(it, loss, [weighted[r].detach() if r in weighted else zero for r in self.reads], coefs)
+        terms = []
+        for r in self.reads: terms.append(weighted[r].detach() if r in weighted else zero)  # (no comprehension's call)
+        self.log.add(it, loss, terms, coefs)
 
     def add_valid(self, stats):
         "Add a validation batch's (sum, count) of each read (by its kind and name: a model swapped in reads alike)"

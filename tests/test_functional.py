@@ -1,7 +1,10 @@
 "Tests of `fastai_tar.functional` against float64 references written here, independently of the module."
 from contextlib import contextmanager
 
+import sys
+
 import numpy as np
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -34,10 +37,11 @@ def ref_tar(h, mask=None, seq_dim=1):
 
 @contextmanager
 def chunk_numel(n):
-    "Run with blocks of `n` elements, so that small tensors cross block (and piece) boundaries."
-    old, tf.CHUNK_NUMEL = tf.CHUNK_NUMEL, n
+    """Run the lean node with blocks of `n` elements, so that small tensors cross block (and piece) boundaries: small
+    tensors too, which otherwise take autograd's own nodes (`SMALL_NUMEL`)"""
+    old, tf.CHUNK_NUMEL, small, tf.SMALL_NUMEL = tf.CHUNK_NUMEL, n, tf.SMALL_NUMEL, -1
     try: yield
-    finally: tf.CHUNK_NUMEL = old
+    finally: tf.CHUNK_NUMEL, tf.SMALL_NUMEL = old, small
 
 
 def grads(f, h, *args):
@@ -184,7 +188,8 @@ def test_fused_pair_terms_and_shapes():
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_fused_pair_saves_nothing_and_writes_one_gradient(dtype):
+def test_fused_pair_saves_nothing_and_writes_one_gradient(dtype, monkeypatch):
+    monkeypatch.setattr(tf, 'SMALL_NUMEL', -1)  # the lean node, whatever the size
     raw = torch.randn(4, 9, 6).to(dtype).requires_grad_()
     dropped = torch.randn(4, 9, 6).to(dtype).requires_grad_()
     mask = torch.rand(4, 9) < 0.7
@@ -465,3 +470,32 @@ def test_ar_ignores_seq_dim(f):
     torch.testing.assert_close(mean_of(*got) if f is ar_sum_count else got, ref_ar(many_to_one, mask).float())
     got = f(many_to_one[0])
     torch.testing.assert_close(mean_of(*got) if f is ar_sum_count else got, ref_ar(many_to_one[0]).float())
+
+
+# --- small tensors: autograd's own nodes ---------------------------------------------------------------------------
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_small_tensors_take_autograds_own_nodes_keep_only_views_and_run_no_python_in_backward(dtype):
+    "Up to SMALL_NUMEL elements, float32/64 without a mask: the reference's values and gradients, any order"
+    g = torch.Generator().manual_seed(9)
+    raw = torch.randn(4, 8, 8, generator=g).to(dtype).requires_grad_()
+    dropped = torch.randn(4, 8, 8, generator=g).to(dtype).requires_grad_()
+    (a, na), (t, nt) = tf.ar_tar_sum_count(dropped, raw)
+    assert a.grad_fn is not t.grad_fn and type(t.grad_fn).__name__ == 'MseLossBackward0'
+    tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(mean_of(a, na).double(), ref_ar(dropped), **tol)
+    torch.testing.assert_close(mean_of(t, nt).double(), ref_tar(raw), **tol)
+    assert saved_bytes(lambda r, d: sum(s for s, _ in tf.ar_tar_sum_count(d, r)), raw, dropped) == 0
+    calls = []
+    loss = 2 * mean_of(a, na) + 3 * mean_of(t, nt)
+    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_filename) if event == 'call' else None)
+    try: got = torch.autograd.grad(loss, [dropped, raw])
+    finally: sys.setprofile(None)
+    assert not [f for f in calls if 'fastai_tar' in f]  # backward: C++ alone
+    d64, r64 = dropped.detach().double().requires_grad_(), raw.detach().double().requires_grad_()
+    want = torch.autograd.grad(2 * ref_ar(d64) + 3 * ref_tar(r64), [d64, r64])
+    for x, w in zip(got, want): torch.testing.assert_close(x.double(), w, **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradgradcheck(lambda h: tar_penalty(h) + ar_penalty(h), (raw,))
+    big = torch.randn(tf.SMALL_NUMEL + 1, 2, dtype=dtype, requires_grad=True)  # one element more: the lean node
+    (a, _), (t, _) = tf.ar_tar_sum_count(big, big, seq_dim=0)
+    assert a.grad_fn is t.grad_fn

@@ -38,8 +38,9 @@ REFS = {'ar': ref_ar, 'tar': ref_tar, 'ar_sum': lambda *a: ref_ar(*a, mean=False
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    "Blocks of 7 elements: the small tensors below cross block and piece boundaries"
+    "The lean node in blocks of 7 elements: the small tensors below cross block and piece boundaries"
     monkeypatch.setattr(tf, 'CHUNK_NUMEL', 7)
+    monkeypatch.setattr(tf, 'SMALL_NUMEL', -1)
 
 
 def data(shape, masked, seed=0, dtype=torch.float64):

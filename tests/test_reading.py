@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from fastai.text.all import AWD_LSTM, get_text_classifier
 
-from fastai_tar.capture import Forward
+from fastai_tar.capture import Forward, versions
 from fastai_tar.module_facts import activation_item
 from fastai_tar.plan import Read
 from fastai_tar.reading import PlanBroken, gather, term_sums
@@ -25,10 +25,8 @@ def tar_read(module, seq_dim=1, steps=False, axes_given=False, **kw):
 
 
 def call(module, output, args=(), kwargs=None, grad=True, called=None):
-    "A call as the capture records it: the version counter of the output's first tensor when it was returned"
-    t = output[0] if isinstance(output, tuple) else output
-    version = t._version if isinstance(t, torch.Tensor) else None
-    return (module, args, kwargs or {}, output, version, grad, called or module)
+    "A call as the capture records it, with the version counters of its output's tensors when it was returned"
+    return (module, args, kwargs or {}, output, versions(output), grad, called or module)
 
 
 def forward(*calls, training=True): return Forward((), {}, None, training, list(calls))
