@@ -5,6 +5,7 @@ from typing import Any
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastcore.basics import PrettyString
+from torch import Tensor
 
 from .arg_docs import add_arg_docs
 from .arguments import ALPHA, BETA, check_arguments, check_flags, describe_modules
@@ -221,7 +222,9 @@ class TARCallback(Callback):
             if r in stats:
                 w = weighted[r] = mean_of(*stats[r], c)
                 total = w if total is None else total + w
-        if total is not None: self.learn.loss_grad = self.learn.loss_grad + total
+        if total is not None:  # (fastai's losses are TensorBase, whose ops go through Python: added as a plain tensor)
+            grad = self.learn.loss_grad
+            self.learn.loss_grad = (grad.as_subclass(Tensor) + total).as_subclass(type(grad))
         self._report.record(self.learn.train_iter, self.learn.loss, weighted, coefs)
 
     def after_batch(self):

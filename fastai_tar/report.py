@@ -122,6 +122,7 @@ class PenaltyHistory:
     def __init__(self):
         self.segments = []
         self._buf, self._n_buf = None, 0  # rows not yet flushed, on the model's device
+        self._rows = ()  # the buffer's rows as views, made once per buffer: a row is written without indexing it
 
     def __len__(self): return sum(len(s.iters) for s in self.segments)
 
@@ -139,16 +140,17 @@ class PenaltyHistory:
     def add(self,
         it: int,  # the training iteration (`learn.train_iter`)
         loss: torch.Tensor,  # the plain loss; an unreduced loss is recorded as its mean
-        terms: list,  # one weighted 0-d tensor per read of the segment
+        terms: list,  # one weighted 0-d tensor per read of the segment, detached
         coefs: list,  # one float coefficient per read
     ):
         "Record one batch without reading a value back from the device: one kernel writes the row into the buffer"
-        loss = loss.detach()
+        # as a plain tensor: fastai's losses are TensorBase, whose every op goes through Python (`__torch_function__`)
+        loss = loss.as_subclass(torch.Tensor).detach()
         if self._buf is None or self._n_buf == len(self._buf):
             grown = loss.new_empty((max(64, 2 * self._n_buf), 1 + len(terms)), dtype=torch.float32)
             if self._buf is not None: grown[:self._n_buf] = self._buf
-            self._buf = grown
-        torch.stack([loss if loss.dim() == 0 else loss.float().mean(), *terms], out=self._buf[self._n_buf])
+            self._buf, self._rows = grown, grown.unbind(0)
+        torch.stack([loss if loss.dim() == 0 else loss.float().mean(), *terms], out=self._rows[self._n_buf])
         self._n_buf += 1
         seg = self.segments[-1]
         seg.iters.append(it)
@@ -157,7 +159,7 @@ class PenaltyHistory:
     def flush(self):
         "Move the rows still on the device to the host arrays: one transfer"
         if self._n_buf: self.segments[-1].values.frombytes(self._buf[:self._n_buf].cpu().numpy().tobytes())
-        self._buf, self._n_buf = None, 0
+        self._buf, self._n_buf, self._rows = None, 0, ()
 
     def kind_means(self,
         start: int,  # the first row of the span, e.g. the epoch's first batch

@@ -510,20 +510,26 @@ def run(args) -> int:
     if bad: raise UsageError(f"--dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
     device = _device(args.device)
     if args.threads is not None and args.threads < 1: raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.train and args.epochs is not None and args.epochs < 1:
+    if (args.train or args.host) and args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     json_path = _json_path(args.json) if args.json else None
     if args.threads is not None: torch.set_num_threads(args.threads)
     env = _environment(device)
-    kept = args.allocator == 'keep' and not args.history
+    if args.history and args.host: raise UsageError("--history and --host measure different things: pass one of them")
+    kept = args.allocator == 'keep' and not args.history and not args.host
     env['allocator'] = f'GLIBC_TUNABLES={KEEP_FREED}' if kept else 'default'
     print(f"fastai-tar bench: torch {env['torch']}, {env['device']} ({env['cpu']}), threads={env['threads']}")
     if kept:
         print(f"allocator: timed {'in this process, started' if _keeps_freed() else 'in a child process'} with "
               f"GLIBC_TUNABLES={KEEP_FREED} (glibc keeps the memory it frees, so that no call pays page faults for "
               "what an earlier one gave back; --allocator default for glibc's defaults)")
-    elif not args.history: print("allocator: glibc's defaults (--allocator default)")
-    if args.history:
+    elif not args.history and not args.host: print("allocator: glibc's defaults (--allocator default)")
+    if args.host:
+        from .bench_host import format_host, host_cost
+        res = host_cost(epochs=args.epochs or (3 if quick else 30))
+        print(format_host(res))
+        out = dict(environment=env, host=res)
+    elif args.history:
         from .bench_history import format_history, frame_seconds, history_cost
         res = history_cost(HISTORY_BATCHES['quick' if quick else 'default'])
         res['frame_rows'], res['frame_s'] = HISTORY_FRAME_ROWS, frame_seconds(HISTORY_FRAME_ROWS)

@@ -81,6 +81,9 @@ def _bench_arguments(parser):
                         'models)')
     parser.add_argument('--history', action='store_true', help="measure learn.tar.history instead: bytes per "
                         "training batch over a long fit, and seconds to build 1M rows (--quick: 200 batches)")
+    parser.add_argument('--host', action='store_true', help="measure what the callback costs the host per training "
+                        "batch instead, against fastai's RNNCallback + RNNRegularizer, on a tiny model, and the Python "
+                        "calls a batch makes (--quick: 3 epochs)")
     parser.add_argument('--epochs', type=int, help='--train: timed epochs per variant (default: 6 for the LM, 8 for '
                         'the time-series model; --quick: 2)')
     parser.add_argument('--threads', type=int, help='torch intra-op threads (default: torch\'s, one per core)')
