@@ -467,9 +467,18 @@ def _plain_now() -> bool:
 
 
 def _terms(ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, mean: bool) -> tuple:
-    """(AR, TAR) sums, or means, of checked arguments: the plain expressions where traced, or for small float32/64
-    tensors without masks (autograd's own nodes: no Python in backward, and they keep only the inputs and views of
-    them); else one lean node"""
+    """(AR, TAR) sums, or means, of checked arguments: on a GPU with Triton, one kernel each way; where traced by
+    torch.func, the plain expressions; for small float32/64 tensors without masks, autograd's own nodes (no Python in
+    backward, and they keep only the inputs and views of them); else one lean node"""
+    h = tar_h if ar_h is None else ar_h
+    # (`is_compiling()` first: a compiler reads a constant there, and traces the operator, never the queries after it)
+    if h.is_cuda and h.dtype in _TRITON_DTYPES and (ar_h is None or tar_h is None or ar_h.dtype == tar_h.dtype) and \
+            (torch.compiler.is_compiling() or not _functorch_or_forward_ad()) and _triton() is not None:
+        sums, counts = _triton().ar_tar_sums(ar_h, tar_h, ar_mask, tar_mask, -1 if sd is None else sd,
+                                              -1 if ar_fd is None else ar_fd, -1 if tar_fd is None else tar_fd)
+        ar, tar = (None if ar_h is None else sums[0]), (None if tar_h is None else sums[1])
+        if not mean: return ar, tar
+        return (None if ar is None else mean_of(ar, counts[0])), (None if tar is None else mean_of(tar, counts[1]))
     small = ar_mask is None and tar_mask is None and \
         (ar_h is None or ar_h.numel() <= SMALL_NUMEL and ar_h.dtype in _SMALL_DTYPES) and \
         (tar_h is None or tar_h.numel() <= SMALL_NUMEL and tar_h.dtype in _SMALL_DTYPES)
@@ -478,6 +487,27 @@ def _terms(ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, mean: bool) -> tup
         tar = None if tar_h is None else _plain_tar(tar_h, tar_mask, sd, tar_fd)
         return _means(ar, tar, ar_h, tar_h, ar_mask, tar_mask, (sd, ar_fd, tar_fd, mean)) if mean else (ar, tar)
     return _ArTarSums.apply(ar_h, tar_h, ar_mask, tar_mask, sd, ar_fd, tar_fd, mean)
+
+
+# float32 and half on a GPU: the kernels accumulate in float32 (float64 keeps its float64 node, float8 its node too)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _functorch_or_forward_ad() -> bool:
+    "torch.func transforms, or forward-mode AD: the Triton operator has neither's rules (the lean node has a jvp)"
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+_TRITON = []  # `fastai_tar.triton_kernels`, or None where Triton is not installed: looked up at the first GPU call
+
+
+def _triton():
+    "`fastai_tar.triton_kernels`, where Triton is installed (PyTorch's CUDA builds ship it); else None"
+    if not _TRITON:
+        try: from . import triton_kernels
+        except ImportError: triton_kernels = None
+        _TRITON.append(triton_kernels)
+    return _TRITON[0]
 
 
 @add_arg_docs

@@ -373,7 +373,12 @@ def test_sync_window_catches_a_sync_in_the_callback(monkeypatch):
             return out
         return wrapped
     monkeypatch.setattr(fastai_tar.callback, 'mean_of', syncing(fastai_tar.callback.mean_of))
-    monkeypatch.setattr(fastai_tar.capture, '_first_tensor', syncing(fastai_tar.capture._first_tensor))
+    record = fastai_tar.capture.Forward
+
+    def syncing_record(args, kwargs, output, *rest):  # the record of each forward the hooks keep
+        syncing(lambda o: o[0] if isinstance(o, tuple) else o)(output)
+        return record(args, kwargs, output, *rest)
+    monkeypatch.setattr(fastai_tar.capture, 'Forward', syncing_record)
     learn, spy, caps, log = cuda_fit('AWD-LSTM float32', False, epochs=1)
     train = {b for b in log.batches if b[0] == 'train'}
     assert len(train) == N_TRAIN // BS
@@ -383,3 +388,45 @@ def test_sync_window_catches_a_sync_in_the_callback(monkeypatch):
                 if any(f.name == name and f.filename.endswith(where) for f in e['ours'])}
     assert caught('callback.py', 'after_loss') == train
     assert caught('capture.py', '__call__') >= train  # the hooks, in validation batches too
+
+
+# --- 3. the Triton kernels on a GPU: one each way, traced by torch.compile ---------------------------------------------
+needs_triton = pytest.mark.skipif(not ON_CUDA or F._triton() is None,
+                                  reason="the Triton kernels run on CUDA where Triton is installed")
+
+
+@needs_triton
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_a_gpu_takes_one_triton_kernel_each_way(dtype):
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    raw = torch.randn(64, 70, 400, device=DEVICE, generator=g).to(dtype).requires_grad_()
+    dropped = torch.randn(64, 70, 400, device=DEVICE, generator=g).to(dtype).requires_grad_()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        (a, na), (t, nt) = F.ar_tar_sum_count(dropped, raw)
+        (F.mean_of(a, na, 2.) + F.mean_of(t, nt, 1.)).backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == 'CUDA']
+    assert sum('_sums_kernel' in n for n in names) == 1 and sum('_grads_kernel' in n for n in names) == 1, names
+    r64, d64 = raw.detach().double().cpu(), dropped.detach().double().cpu()
+    assert (F.mean_of(a, na) / ref_ar(d64) - 1).abs().item() < 1e-6
+    assert (F.mean_of(t, nt) / ref_tar(r64) - 1).abs().item() < 1e-6
+
+
+@needs_triton
+def test_torch_compile_traces_the_triton_operator_without_a_graph_break():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset(); counters.clear()
+    h = torch.randn(8, 50, 64, device=DEVICE, requires_grad=True)
+
+    def penalty_of(h):
+        (a, na), (t, nt) = F.ar_tar_sum_count(h, h)
+        return F.mean_of(a, na, 2.) + F.mean_of(t, nt, 1.)
+    compiled = torch.compile(penalty_of, fullgraph=True)
+    got = compiled(h)
+    assert sum(counters['graph_break'].values()) == 0
+    torch.testing.assert_close(got, penalty_of(h), rtol=1e-6, atol=1e-7)
+    g1, = torch.autograd.grad(got, h)
+    g2, = torch.autograd.grad(penalty_of(h), h)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)

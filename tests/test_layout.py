@@ -12,7 +12,8 @@ PKG = ROOT / 'fastai_tar'
 DATA = {'corpus', 'book'}  # the offline data builders: the demo, the bench and the notebooks use them, the library not
 LIBRARY = sorted(p.stem for p in PKG.glob('*.py') if p.stem not in DATA | {'__init__', '__main__'})
 # what needs no fastai: the penalties, the plan and its hooks, for plain PyTorch, Lightning, Hugging Face, tsfast 0.5
-TORCH_ONLY = {'functional', 'module_facts', 'plan', 'capture', 'reading', 'hooks', 'arguments', 'schedule', 'arg_docs'}
+TORCH_ONLY = {'functional', 'module_facts', 'plan', 'capture', 'reading', 'hooks', 'arguments', 'schedule', 'arg_docs',
+              'triton_kernels'}
 # the modules a training batch passes through: each imports only modules after it, so that no call goes back up
 BATCH_WAY = ['callback', 'report', 'hooks', 'reading', 'capture', 'plan', 'module_facts', 'functional']
 
