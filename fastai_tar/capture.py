@@ -85,8 +85,9 @@ class _RootTap(_Tap):
             if cap.on_raise is not None: cap.on_raise(cap)
             return
         if calls is not None:
-            cap.forward = Forward(args, kwargs, output, model.training and torch.is_grad_enabled(), calls)
-            cap.count += 1
+            training = model.training and torch.is_grad_enabled()
+            cap.forward = Forward(args, kwargs, output, training, calls)
+            cap.count += training
 
 
 class Capture:
@@ -98,7 +99,7 @@ class Capture:
         self.accept, self.on_raise = accept, on_raise
         self.model, self.root_handles, self.watched, self.handles = None, [], [], []
         self.calls, self.inputs = None, None  # the calls of the forward in progress; its input
-        self.forward, self.count = None, 0  # the last forward that counted, and how many did since `forget`
+        self.forward, self.count = None, 0  # the last forward that counted, and how many trained since `forget`
 
     @property
     def is_open(self) -> bool: return bool(self.root_handles)
@@ -115,7 +116,10 @@ class Capture:
         if self.watched == modules: return
         for h in self.handles: h.remove()
         self.watched = list(modules)
-        self.handles = [m.register_forward_hook(_ModuleTap(self, m), with_kwargs=True) for m in self.watched]
+        # prepend: a tap runs before the model's own forward hook, which ends the forward's record, where the model
+        # itself is watched
+        self.handles = [m.register_forward_hook(_ModuleTap(self, m), with_kwargs=True, prepend=True)
+                        for m in self.watched]
 
     def forget(self):
         "Drop what the forwards captured: no activation outlives its batch"

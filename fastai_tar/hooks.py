@@ -36,8 +36,8 @@ class TARHooks:
     `open()` to `close()`. A forward in `eval()` or without gradient gives a penalty of 0."""
     def __init__(self,
         model: nn.Module | None = None,  # the model whose forwards are read
-        alpha=ALPHA,  # AR coefficient: a number >= 0, or a list of them, one per AR place
-        beta=BETA,  # TAR coefficient: a number >= 0, or a list of them, one per TAR place
+        alpha=ALPHA,  # AR coefficient: a number >= 0, a schedule of the training's progress, or a list, one per place
+        beta=BETA,  # TAR coefficient: a number >= 0, a schedule of the training's progress, or a list, one per place
         modules=None,  # what TAR reads: None finds it; module(s), `named_modules()` names, `Place`s, {place: beta}
         ar_modules=None,  # what AR reads: None is the dropout of what TAR reads, else TAR's tensor itself
         all_layers: bool = False,  # read every layer found (an AWD_LSTM's layers, each recurrent module)
@@ -59,7 +59,7 @@ class TARHooks:
                              seq_dim=seq_dim, feature_dim=feature_dim, contract=contract, mask=mask, model=model)
         self.capture = Capture(accept, on_raise or (lambda cap: cap.forget()))
         self._plans = weakref.WeakKeyDictionary()  # model -> its Plan
-        self._request, self._said, self._last_places, self.owner = None, set(), None, owner
+        self._request, self._said, self._last_places, self.owner, self._trainer = None, set(), None, owner, None
         self._current = None  # the model's plan, once checked against the arguments: each batch reads it without a check
         self.terms = {}  # the last penalty's weighted terms, detached: {'ar': ..., 'tar': ...}
 
@@ -204,6 +204,9 @@ class TARHooks:
             arg, key = r.coef
             c = getattr(self, arg)
             if key is not None: c = c[key]
+            if callable(c) and pct is None:
+                raise ValueError(f"{r.coef_arg} is a schedule of the training's progress: pass penalty(pct=...), the "
+                                 "share of training done, from 0 to 1")
             coefs.append(coef_at(c, pct, r.coef_arg) if callable(c) else float(c))
         # a TAR without a time axis is off (its coefficient was 0 when settled), also for the validation metrics
         reads = []
@@ -231,30 +234,44 @@ class TARHooks:
 
     def penalty(self,
         mask: Tensor | None = None,  # bool batch x time, True where a step is real; default: `mask(*args)`, if given
+        pct: float | None = None,  # training progress in [0, 1], where a coefficient is a schedule of it
     ) -> Tensor:
         "The weighted AR + TAR of the last forward, to add to the loss; 0 for a forward in eval() or without gradient"
         cap = self.capture
-        if cap.count == 0:
+        fwd = cap.forward
+        if fwd is None:
             raise RuntimeError("TARHooks.penalty(): no forward of the model since the last penalty() (or since the "
                                "hooks were put on): call it after the model's forward, once per forward")
-        if cap.count > 1:
-            n = cap.count
+        if cap.count > 1 or cap.count and not fwd.training:
+            said = f"{cap.count} training forwards" if cap.count > 1 else "a training forward, then one in eval() or " \
+                "without gradient,"
             cap.forget()
-            raise RuntimeError(f"TARHooks.penalty(): the model ran {n} forwards since the last penalty(), and which one "
-                               "to regularize cannot be told: call penalty() after each forward")
-        fwd = cap.forward
-        if mask is None and self.mask is not None: mask = self.mask(*fwd.args, **fwd.kwargs)
+            raise RuntimeError(f"TARHooks.penalty(): the model ran {said} since the last penalty(), and which one to "
+                               "regularize cannot be told: call penalty() after each training forward")
+        if mask is None and self.mask is not None and fwd.training: mask = self.mask(*fwd.args, **fwd.kwargs)
         if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool):
             raise TypeError(f"mask must be a bool batch x time tensor, True where a step is real; got "
                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
         try:
-            stats, coefs = self.sums(mask=mask)
+            stats, coefs = self.sums(pct, mask=mask)
             weighted = {r: mean_of(*stats[r], c) for r, c in zip(self.reads, coefs) if r in stats}
         finally: cap.forget()
         self.prepare()
         zero = torch.zeros((), device=_device(fwd.output))
         self.terms = {k: sum((w.detach() for r, w in weighted.items() if r.kind == k), zero) for k in KINDS}
         return sum(weighted.values(), zero)
+
+    # tsfast 0.5's auxiliary losses, and loops like it: `Learner(..., aux_losses=[TARHooks(...)])`
+    def setup(self, trainer):
+        "Put the hooks on `trainer.model`, for the trainer's fit"
+        self._trainer = trainer
+        self.open(trainer.model)
+
+    def teardown(self, trainer): self.close()
+
+    def __call__(self, *_):
+        "`penalty()`, at the trainer's `pct_train` where it has one: as a loss term `(pred, yb, xb) -> Tensor`"
+        return self.penalty(pct=getattr(self._trainer, 'pct_train', None))
 
     def __repr__(self):
         given = [f"alpha={describe_coef(self.alpha)}", f"beta={describe_coef(self.beta)}"]

@@ -232,9 +232,10 @@ def settle_watch(model: nn.Module, req: Request) -> list:
     named = [_lookup(model, s, KINDS[k].spec_arg)[1] for k in KINDS for s in module_specs(req.spec(k))]
     some = named + [m for m in model.modules() if is_recurrent(m) or is_dropout(m)]
     parents = _parents(model)
-    some += [parents[id(m)][1] for m in some if id(m) in parents]
-    # not the model itself: its forward is the capture's own, and a hook on a compiled model's module is traced apart
-    return [m for m in {id(m): m for m in some}.values() if m is not model]
+    # the holders, but not the model itself (a hook on a compiled model's module is traced apart): where a module's
+    # hooks do not fire, the model's own forward ran anyway
+    some += [parents[id(m)][1] for m in some if id(m) in parents and parents[id(m)][1] is not model]
+    return list({id(m): m for m in some}.values())
 
 
 def _graded(calls: list, training: bool) -> list:

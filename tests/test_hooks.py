@@ -85,7 +85,11 @@ def test_eval_and_no_grad_forwards_give_zero_and_penalty_asks_for_one_forward_ea
         with torch.no_grad(): model(x)
         assert tar.penalty().item() == 0.
         model(x); model(x)
-        with pytest.raises(RuntimeError, match=r"ran 2 forwards since the last penalty\(\).*after each forward"):
+        with pytest.raises(RuntimeError, match=r"ran 2 training forwards since the last penalty\(\).*after each"):
+            tar.penalty()
+        model(x)
+        model.eval(); model(x); model.train()  # an eval forward after a training one: which one is meant?
+        with pytest.raises(RuntimeError, match=r"ran a training forward, then one in eval\(\) or without gradient,"):
             tar.penalty()
         model(x)
         assert tar.penalty().item() > 0 and len(tar.reads) == 2

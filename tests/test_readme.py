@@ -7,8 +7,9 @@ A block may carry a marker: an HTML comment on the line before its fence, `<!-- 
 - `no-launcher`: a script for a launcher (`accelerate launch`). It runs in this one process, where fastai's
   `distrib_ctx` only yields the learner (what it does in a process no launcher started), with accelerate if it is
   installed (`fastai_tar[distributed]`), else with a stand-in for the one name `fastai.distributed` reads from it.
-- `needs-tsai`, `needs-tsfast`, `needs-lightning`, `needs-gpu`: needs a package that is not a dependency (or a
-  GPU). The block is compiled, not run; the page shows a runnable stand-in next to it.
+- `needs-tsai`, `needs-tsfast`, `needs-lightning`, `needs-transformers`, `needs-gpu`: needs a package that is not a
+  dependency (or a GPU). The block is compiled, not run; the page shows a runnable stand-in next to it (Lightning and
+  transformers import torchvision, which fastai's PyPI torchvision makes fail beside a CPU torch).
 A block that is not run must not define names that later blocks of its page use.
 
 The tiny size changes data and model sizes, never the text: the Python documentation corpus is cut to every 12th
@@ -36,7 +37,8 @@ PYTHON_BLOCK = re.compile(r'^```python\n(.*?)^```$', re.S | re.M)
 MARKER = re.compile(r'<!--\s*(?:readme|docs)-test:\s*(\S+)\s*-->')
 NOT_RUN = {  # marker: why the block is compiled but not run
     'needs-tsai': 'tsai is not a dependency', 'needs-tsfast': 'tsfast is not a dependency',
-    'needs-lightning': 'Lightning is not a dependency', 'needs-gpu': 'needs a CUDA GPU'}
+    'needs-lightning': 'Lightning is not a dependency', 'needs-transformers': 'transformers is not a dependency',
+    'needs-gpu': 'needs a CUDA GPU'}
 MARKERS = {'no-launcher', *NOT_RUN}
 
 
