@@ -16,7 +16,7 @@ _F = TypeVar('_F', bound=Callable)
 
 
 def add_arg_docs(obj: _F) -> _F:
-    "Append an 'Arguments:' list, `name (annotation) = default: comment`, to `obj`'s docstring (a class: its __init__'s)"
+    "Append an 'Arguments:' list, `name (annotation) = default: comment`, to `obj`'s docstring (a class's: __init__'s)"
     if not callable(obj) or _HEADING in (obj.__doc__ or ''): return obj  # not a function, or done already
     try: comments = docments(obj)
     except (OSError, TypeError): comments = {}  # no source to read (a build without .py files): names, no comments

@@ -1,6 +1,6 @@
 """Every check of `TARCallback`'s arguments, in one place: what can be told without a model fails at construction,
 naming the arguments involved; what needs the model (a name, a module given twice by name and object) fails when
-the plan is settled (`fastai_tar.plan`)."""
+the plan is settled (`fastai_tar.settle`)."""
 import operator
 from numbers import Real
 

@@ -49,7 +49,7 @@ class TARCallback(Callback):
     def __init__(self,
         alpha: Any = ALPHA,  # AR coefficient: a number >= 0, a schedule of `pct_train` (`SchedLin(0, 2)`), or a list
         beta: Any = BETA,  # TAR coefficient: a number >= 0, a schedule, or a list, one per TAR module or layer
-        modules: Any = None,  # what TAR reads: None finds it; module(s), `named_modules()` names, `Place`s, {place: beta}
+        modules: Any = None,  # what TAR reads: None finds it; modules, `named_modules()` names, `Place`s, {place: beta}
         ar_modules: Any = None,  # what AR reads: None is the dropout of what TAR reads (else that tensor itself)
         all_layers: bool = False,  # read every layer found (fastai's per-layer lists, AWD_LSTM layers, each RNN)
         seq_dim: int | None = None,  # time axis of what is read (1 batch-first, 0 sequence-first); None: the module's

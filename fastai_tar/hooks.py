@@ -18,10 +18,10 @@ from .arg_docs import add_arg_docs
 from .arguments import ALPHA, BETA, check_arguments
 from .capture import Capture
 from .functional import mean_of
-from .plan import KINDS, Plan, Request, describe_candidates, fingerprint, settle, settle_watch, structure, \
-    unwrap_model
+from .plan import KINDS, Plan, Request, fingerprint, structure, unwrap_model
 from .reading import PlanBroken, gather, term_sums
 from .schedule import coef_at, describe_coef, may_be_on
+from .settle import describe_candidates, settle, settle_watch
 
 __all__ = ['TARHooks']
 
@@ -60,7 +60,7 @@ class TARHooks:
         self.capture = Capture(accept, on_raise or (lambda cap: cap.forget()))
         self._plans = weakref.WeakKeyDictionary()  # model -> its Plan
         self._request, self._said, self._last_places, self.owner, self._trainer = None, set(), None, owner, None
-        self._current = None  # the model's plan, once checked against the arguments: each batch reads it without a check
+        self._current = None  # the model's plan, checked against the arguments once: each batch reads it unchecked
         self.terms = {}  # the last penalty's weighted terms, detached: {'ar': ..., 'tar': ...}
 
     def __setattr__(self, name, value):

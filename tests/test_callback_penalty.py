@@ -34,7 +34,7 @@ def fit_batches(model, cbs, dls=None, n=1, loss_func=None, **kw):
     return learn, spy
 
 
-# --- 1. in-place ops after the read module -------------------------------------------------------------------------
+# --- 1. in-place ops after the read module ----------------------------------------------------------------------------
 class ReLUAfterDropout(nn.Module):
     "An LSTM, then nn.Dropout, then nn.ReLU(inplace=True) on the dropout's output."
     def __init__(self):
@@ -59,7 +59,7 @@ def test_in_place_change_after_the_read_module_is_an_error_naming_it(make, kw, n
     assert torch.equal(flat_params(model), before)  # raised before backward: no step was taken
 
 
-# --- 2. an RNN called once per time step ---------------------------------------------------------------------------
+# --- 2. an RNN called once per time step ------------------------------------------------------------------------------
 class StepDecoder(nn.Module):
     "A decoder loop: an nn.GRU fed one step at a time (or an nn.GRUCell), its state carried by hand; no dropout."
     def __init__(self, cell=False):
@@ -137,7 +137,7 @@ def test_a_cell_called_once_per_step_is_one_sequence():
     assert spy.added[0] == penalty(ref_penalty(2., 1., steps))
 
 
-# --- 9. a callback before ours derives learn.pred from the output --------------------------------------------------
+# --- 9. a callback before ours derives learn.pred from the output -----------------------------------------------------
 class LSTMLM(nn.Module):
     def __init__(self):
         super().__init__()
@@ -188,7 +188,7 @@ def test_a_callback_that_derives_pred_from_the_output_keeps_the_penalty(book_dls
     assert spy.added == [penalty(ref_penalty(2., 1., h)) for h in cap.train_outputs]
 
 
-# --- 11. a no-grad burn-in call of the read module -----------------------------------------------------------------
+# --- 11. a no-grad burn-in call of the read module --------------------------------------------------------------------
 class BurnIn(LSTMLM):
     "Warms the state up with a call under no_grad, then runs the training call from that state."
     def forward(self, x):
@@ -207,7 +207,7 @@ def test_a_call_without_grad_is_skipped_and_the_call_with_grad_penalized():
     assert far(ref_penalty(2., 1., calls[0], calls[1]), ref_penalty(2., 1., calls[1]))  # pooling both would show
 
 
-# --- 12. outputs without a time axis -------------------------------------------------------------------------------
+# --- 12. outputs without a time axis ----------------------------------------------------------------------------------
 def clas_batches(n=2, seed=0):
     "Token sequences labelled 0/1, batch 4, 12 steps."
     g = torch.Generator().manual_seed(seed)
@@ -246,7 +246,7 @@ def test_contract_true_with_2d_raw_and_dropped_gives_ar():
     assert min(spy.added) > 1e-3
 
 
-# --- batch edges, classifier padding and packed sequences against float64 references ---------------------------------
+# --- batch edges, classifier padding and packed sequences against float64 references ----------------------------------
 def test_bs1_is_regularized_unlike_fastai():
     "fastai's `len(h)>1` guard skips TAR at bs=1; ours applies it (checked against the reference formula)."
     dls = lm_dls(bs=1)
@@ -319,7 +319,7 @@ def test_packed_sequence_against_reference_on_unpadded_steps():
     assert far(ref_penalty(1., 2., h), ref_penalty(1., 2., (h, valid)))  # the padded steps would count otherwise
 
 
-# --- a mask for any model: mask=, a function of the batch ---------------------------------------------------------------
+# --- a mask for any model: mask=, a function of the batch -------------------------------------------------------------
 def padded_lm_dls(lengths=(SL, 9, 5, 2)):
     "Language-model batches whose sequences end in padding (PAD) after `lengths` real tokens; y is x shifted"
     g = torch.Generator().manual_seed(3)
@@ -336,7 +336,7 @@ def by_pad(xb, yb): return xb[0] != PAD
 
 def test_a_mask_from_the_batch_counts_real_steps_for_ar_and_real_pairs_for_tar():
     model = copy.deepcopy(PLAIN)
-    raws, drops, seen = Capture(model.rnn), Capture(model.drop), []
+    raws, drops = Capture(model.rnn), Capture(model.drop)
     dls = padded_lm_dls()
     _, spy = fit_batches(model, [TARCallback(mask=by_pad)], dls=dls)
     real = dls.one_batch()[0] != PAD
@@ -382,7 +382,7 @@ def test_validation_metrics_use_the_mask_too():
     assert valid_tar == pytest.approx(ref_tar(raws.valid_outputs[0], real), rel=1e-5)
 
 
-# --- the forward that reaches the loss, not another forward in the same batch ---------------------------------------
+# --- the forward that reaches the loss, not another forward in the same batch -----------------------------------------
 class ExtraForward(Callback):
     "Runs the model on other inputs in before_batch, as adversarial training or a consistency loss does."
     def __init__(self, order, grad=True): self.order, self.grad = order, grad
@@ -407,7 +407,7 @@ def test_penalty_of_the_forward_that_reaches_the_loss(order, grad):
     torch.testing.assert_close(with_extra, first_grads(CheckpointLM(), TARCallback(2., 1.)), rtol=0, atol=1e-7)
 
 
-# --- calls that span chunks or repeat: a SentenceEncoder over bptt chunks, a module called twice ---------------------
+# --- calls that span chunks or repeat: a SentenceEncoder over bptt chunks, a module called twice ----------------------
 def test_sentence_encoder_tar_spans_bptt_chunks():
     "A classifier's SentenceEncoder runs the AWD_LSTM once per bptt chunk: TAR covers the joined sequence."
     bptt, sl = 4, 12

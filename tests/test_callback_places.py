@@ -677,7 +677,8 @@ def test_naming_tars_module_leaves_ar_on_dropped(book_dls):
 
 class _EncoderCellDecoder(Module):
     "An nn.LSTM encoder and an nn.LSTMCell decoder stepping 3 times from its state"
-    def __init__(self): self.enc, self.dec, self.head = nn.LSTM(3, 5, batch_first=True), nn.LSTMCell(5, 5), nn.Linear(5, 1)
+    def __init__(self):
+        self.enc, self.dec, self.head = nn.LSTM(3, 5, batch_first=True), nn.LSTMCell(5, 5), nn.Linear(5, 1)
     def forward(self, x):
         out, (h, c) = self.enc(x)
         state = (h[0], c[0])
@@ -734,7 +735,8 @@ def test_contract_true_on_a_sequence_first_raw_asks_for_seq_dim_and_reads_it():
     """awd-lstm-lm's model in a fastai glue returning (logits, raw, dropped), time x batch x features, with
     contract=True (as the error text for the tuple suggests): the batch size refuses fastai's batch-first reading"""
     with pytest.raises(ValueError, match=r"TARCallback reads TAR from the model's raw \(output\[1\]\), a "
-                                         r"torch.float32 tensor \(12, 4, 8\), as fastai's batch-first.*first axis is not "
+                                         r"torch.float32 tensor \(12, 4, 8\), as fastai's batch-first.*first axis "
+                                         r"is not "
                                          r"the batch of 4: pass seq_dim="):
         fit_batches(AWDGlue(VOCAB), [TARCallback(contract=True)])
     model = AWDGlue(VOCAB)
@@ -746,7 +748,8 @@ def test_contract_true_on_a_sequence_first_raw_asks_for_seq_dim_and_reads_it():
 def test_a_seq_dim_that_contradicts_fastais_layout_is_an_error_naming_both():
     learn = Learner(lm_dls(), tiny_lm(), loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter(), TARCallback(
         seq_dim=0)])
-    with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of raw's output \(AWD_LSTM\), which is 1 "
+    with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of raw's output \(AWD_LSTM\), which is "
+                                         r"1 "
                                          r"\(fastai's text modules are batch-first\)"):
         quiet_fit(learn)
 
@@ -786,7 +789,8 @@ def test_a_wrapper_that_calls_forward_directly_is_named_not_a_false_error():
     and names the wrapper; the tuple's error says the recurrent modules ran no hook, not that raw is no RNN output"""
     with pytest.raises(RuntimeError, match=r"reads model.rnns.2.module \(LSTM\) but it did not run through its hooks, "
                                            r"though 'model.rnns.2' \(WeightDrop\), which holds it, ran: it calls the "
-                                           r"forward of 'model.rnns.2.module' directly.*Name 'model.rnns.2' in modules="):
+                                           r"forward of 'model.rnns.2.module' directly.*Name 'model.rnns.2' in "
+                                           r"modules="):
         fit_batches(AWDGlue(VOCAB, contract=False), [TARCallback()])
     with pytest.raises(TypeError, match=r"its raw item is not the output of a recurrent module.*the model's recurrent "
                                         r"modules ran no hook in this forward: a wrapper that calls their forward "

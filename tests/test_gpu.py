@@ -65,7 +65,7 @@ def cpu_threads():
     finally: torch.set_num_threads(n)
 
 
-# --- 1. the functions ---------------------------------------------------------------------------------------------
+# --- 1. the functions -------------------------------------------------------------------------------------------------
 def make_input(shape, dtype, seq_dim, masked, seed=0):
     """`h` on DEVICE (a leaf requiring grad) and its mask: lengths from full down to 0 along `seq_dim` (a row of
     padding only, a row of one step), the padding holding inf (an fp16 overflow) that must never reach a result."""
@@ -176,7 +176,7 @@ def test_functions_match_float64_reference_on_cuda(case, dtype):
         check_grad(g, both, dtype, "ar_tar_sum_count of one tensor", scale=scale if dtype != torch.float32 else None)
 
 
-# --- 2. training with TARCallback ---------------------------------------------------------------------------------
+# --- 2. training with TARCallback -------------------------------------------------------------------------------------
 SYNC_MSG = 'synchronizing CUDA operation'
 PKG_DIR = os.path.realpath(os.path.dirname(fastai_tar.__file__)) + os.sep
 
@@ -390,7 +390,7 @@ def test_sync_window_catches_a_sync_in_the_callback(monkeypatch):
     assert caught('capture.py', '__call__') >= train  # the hooks, in validation batches too
 
 
-# --- 3. the Triton kernels on a GPU: one each way, traced by torch.compile ---------------------------------------------
+# --- 3. the Triton kernels on a GPU: one each way, traced by torch.compile --------------------------------------------
 needs_triton = pytest.mark.skipif(not ON_CUDA or F._triton() is None,
                                   reason="the Triton kernels run on CUDA where Triton is installed")
 

@@ -12,10 +12,10 @@ PKG = ROOT / 'fastai_tar'
 DATA = {'corpus', 'book'}  # the offline data builders: the demo, the bench and the notebooks use them, the library not
 LIBRARY = sorted(p.stem for p in PKG.glob('*.py') if p.stem not in DATA | {'__init__', '__main__'})
 # what needs no fastai: the penalties, the plan and its hooks, for plain PyTorch, Lightning, Hugging Face, tsfast 0.5
-TORCH_ONLY = {'functional', 'module_facts', 'plan', 'capture', 'reading', 'hooks', 'arguments', 'schedule', 'arg_docs',
-              'triton_kernels'}
+TORCH_ONLY = {'functional', 'module_facts', 'plan', 'settle', 'capture', 'reading', 'hooks', 'arguments', 'schedule',
+              'arg_docs', 'triton_kernels'}
 # the modules a training batch passes through: each imports only modules after it, so that no call goes back up
-BATCH_WAY = ['callback', 'report', 'hooks', 'reading', 'capture', 'plan', 'module_facts', 'functional']
+BATCH_WAY = ['callback', 'report', 'hooks', 'settle', 'reading', 'capture', 'plan', 'module_facts', 'functional']
 
 
 def _imports(path: Path) -> set[str]:
@@ -49,7 +49,7 @@ def test_torch_only_modules_import_no_fastai_even_through_the_package():
 
 
 def test_a_batch_goes_one_way_through_the_modules():
-    "callback -> report; hooks -> reading -> capture, plan -> module_facts; functional: none imports one before it"
+    "callback -> report; hooks -> settle, reading -> capture, plan -> module_facts; functional: none imports back"
     for i, name in enumerate(BATCH_WAY):
         assert not _package_imports(name) & set(BATCH_WAY[:i]), f'{name} imports {set(BATCH_WAY[:i])}'
 

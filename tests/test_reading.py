@@ -100,7 +100,8 @@ def test_calls_without_grad_are_skipped_in_training_only():
     assert [p[0] for p in parts_of(tar_read(lstm), *calls)] == [real[0]]
     (h, _, _), = parts_of(tar_read(lstm), *calls, training=False)  # outside training the two calls chain
     assert torch.equal(h, torch.cat([burn_in[0], real[0]], 1))
-    with pytest.raises(PlanBroken, match=r"'rnn' \(LSTM\) did not run in this forward"): parts_of(tar_read(lstm), calls[0])
+    with pytest.raises(PlanBroken, match=r"'rnn' \(LSTM\) did not run in this forward"):
+        parts_of(tar_read(lstm), calls[0])
     missing = []
     assert gather([tar_read(lstm)], forward(training=False), missing=missing) == {} and len(missing) == 1
 

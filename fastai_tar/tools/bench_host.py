@@ -5,7 +5,8 @@ Used by `fastai-tar bench --host`. A tiny model returning fastai's `(logits, raw
 sequences of 8 tokens) trains with no penalty (fastai's `RNNCallback` alone, which hands the loss the logits), with
 fastai's `RNNCallback` + `RNNRegularizer(2, 1)`, and with `TARCallback(2, 1)`; the three take turns epoch by epoch,
 and each training batch is timed from the first callback's before_batch to the last one's after_batch, in the CPU
-time of the thread (`time.thread_time`: what other processes do shows less), as medians. The Python calls one steady-state training batch makes are
+time of the thread (`time.thread_time`: what other processes do shows less), as medians. The Python calls one
+steady-state training batch makes are
 counted with `sys.setprofile`: inside `fastai_tar` for ours, inside `fastai/callback/rnn.py` for fastai's pair, on that
 model and on one that returns its logits only (the LSTM and its dropout then read through hooks).
 """

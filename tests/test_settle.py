@@ -1,9 +1,11 @@
-"""What each term reads (`fastai_tar.plan`), by one rule: one candidate, or ask. Settled from one watched forward:
-the default places (fastai's language model and classifier, the recurrent module not inside another, several of
-them), AR on the dropout that receives what TAR reads (by identity), the calls of a module run several times (one
-sequence of steps, or ask), the item of an output (the class's, the only float tensor, or ask), the axes (yours,
-checked against what a class makes certain), fastai's contract's items, names, wrappers and modules whose hooks do
-not fire; what `places` shows before the first forward, and a plan read on a copy of its model."""
+"""What each term reads, by one rule: one candidate, or ask (`fastai_tar.settle`; the types in `fastai_tar.plan`).
+
+Settled from one watched forward: the default places (fastai's language model and classifier, the recurrent module
+not inside another, several of them), AR on the dropout that receives what TAR reads (by identity), the calls of a
+module run several times (one sequence of steps, or ask), the item of an output (the class's, the only float tensor,
+or ask), the axes (yours, checked against what a class makes certain), fastai's contract's items, names, wrappers and
+modules whose hooks do not fire; what `places` shows before the first forward, and a plan read on a copy of its
+model."""
 import copy
 
 import pytest
@@ -13,8 +15,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from fastai.text.all import AWD_LSTM, get_text_classifier
 
 from fastai_tar.capture import Capture
-from fastai_tar.plan import (Contract, NothingToRegularize, Place, Request, describe_candidates, fingerprint, settle,
-                             settle_watch, structure, unwrap_model)
+from fastai_tar.plan import Contract, NothingToRegularize, Place, Request, fingerprint, structure, unwrap_model
+from fastai_tar.settle import describe_candidates, settle, settle_watch
 from fastai_tar.schedule import may_be_on
 
 from conftest import VOCAB, tiny_config, tiny_lm
@@ -57,7 +59,7 @@ class Chain(nn.Module):
         return h
 
 
-# --- the default places ----------------------------------------------------------------------------------------------
+# --- the default places -----------------------------------------------------------------------------------------------
 def test_fastai_language_model_reads_the_encoder_and_the_dropout_that_receives_its_output():
     model = tiny_lm()
     plan = settled(model, tokens())
@@ -130,7 +132,7 @@ def test_nothing_to_regularize_says_what_it_looked_for():
         settled(nn.Sequential(nn.Linear(3, 3)), torch.randn(2, 3))
 
 
-# --- which call ----------------------------------------------------------------------------------------------------
+# --- which call -------------------------------------------------------------------------------------------------------
 def test_a_module_run_several_times_is_read_only_as_one_sequence_or_where_you_pick():
     model = WordLM()
     plan = settled(model, tokens())  # by default the dropout whose input is the LSTM's output: its second call
@@ -168,7 +170,7 @@ def test_calls_that_chain_are_one_sequence_and_two_chains_are_asked_about():
     assert plan.reads[1].call == 'all' and plan.reads[1].steps
 
 
-# --- which item --------------------------------------------------------------------------------------------------------
+# --- which item -------------------------------------------------------------------------------------------------------
 class Gated(nn.Module):
     def __init__(self, out='tuple'): super().__init__(); self.l, self.out = nn.Linear(3, 8), out
     def forward(self, x):
@@ -201,7 +203,7 @@ def test_the_only_float_tensor_of_an_output_is_read():
     assert plan.reads[1].item == 0 and 'item' in repr(plan.reads[1])
 
 
-# --- axes --------------------------------------------------------------------------------------------------------------
+# --- axes -------------------------------------------------------------------------------------------------------------
 def test_your_seq_dim_is_checked_against_a_layout_the_class_makes_certain():
     with pytest.raises(ValueError, match=r"seq_dim=0 contradicts the time axis of 0's output \(AWD_LSTM\), which is 1 "
                                          r"\(fastai's text modules are batch-first\)"):
@@ -236,7 +238,7 @@ def test_a_packed_sequence_is_read_batch_first_whatever_its_module():
     assert plan.reads[1].seq_dim == 1 and 'PackedSequence' in plan.reads[1].axis_why
 
 
-# --- fastai's contract -------------------------------------------------------------------------------------------------
+# --- fastai's contract ------------------------------------------------------------------------------------------------
 def contract_of(model, per_layer=False, producer=True):
     def make(out):
         logits, raw, dropped = out
@@ -276,7 +278,7 @@ def test_a_contract_raw_from_no_module_is_batch_first_unless_the_batch_size_refu
         settled(model, tokens().t(), contract=contract_of(model), all_layers=True)
 
 
-# --- names, wrappers, modules whose hooks do not fire ------------------------------------------------------------------
+# --- names, wrappers, modules whose hooks do not fire -----------------------------------------------------------------
 def test_names_wrapped_compiled_and_bad():
     model = Chain(nn.LSTM(8, 4, batch_first=True))
     assert unwrap_model(nn.DataParallel(model)) is model
@@ -305,7 +307,7 @@ def test_a_module_whose_wrapper_calls_its_forward_directly_is_said_and_the_wrapp
     assert places(plan) == [('ar', 'model.lockdrop', 'named'), ('tar', 'model.rnns.2', 'named')]
 
 
-# --- before the first forward; a plan on a copy -------------------------------------------------------------------------
+# --- before the first forward; a plan on a copy -----------------------------------------------------------------------
 def test_places_before_the_first_forward_say_what_the_structure_says():
     model = Chain(nn.LSTM(8, 4, batch_first=True), nn.Dropout())
     text = describe_candidates(model, request(), {'ar': 2., 'tar': 1.})
