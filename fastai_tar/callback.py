@@ -9,12 +9,13 @@ from torch import Tensor
 
 from .arg_docs import add_arg_docs
 from .arguments import ALPHA, BETA, check_arguments, check_flags, describe_modules
-from .fastai_interop import (FastaiRegularizerSwitch, autocast_state, batch_size, certain_contract, check_loss_input,
-                             fit_running, has_contract_form, in_validation_context, learner_forward, restore_autocast,
+from .fastai_interop import (FastaiRegularizerSwitch, autocast_state, batch_contract, batch_size, check_loss_input,
+                             fit_running, in_validation_context, learner_forward, no_contract, restore_autocast,
                              rnn_callback_output)
 from .functional import mean_of
 from .hooks import TARHooks
 from .plan import KINDS, describe
+from .reading import checked_mask
 from .report import PenaltyReport, drop_columns, plot_history
 from .schedule import describe_coef, may_be_on
 
@@ -147,52 +148,19 @@ class TARCallback(Callback):
         plan = hooks.plan or (None if training else hooks.borrow_plan())
         contract = None
         if isinstance(output, (tuple, list)):  # (a model's plain tensor output needs no call here: every batch)
-            contract, why = self._contract(output, fwd, plan, training)
+            contract, why = batch_contract(output, learn.model, fwd, self.contract, plan, training, hooks.say_once)
             if contract is not None:  # the loss gets the logits, as with RNNCallback; as they stand now: a callback
                 # ordered before ours may have changed them (a temperature)
                 if isinstance(learn.pred, (tuple, list)): learn.pred = learn.pred[0]
             else: check_loss_input(learn.pred, learn.loss_func, why)
         if fwd is None: return
         if not training and (not self.valid_metrics or plan is None or in_validation_context(learn)): return
-        if contract is None and plan is not None and plan.reads_output: return self._no_contract(output, training)
-        mask = None if self.mask is None else self._mask()
+        if contract is None and plan is not None and plan.reads_output:
+            return no_contract(output, training, hooks.say_once)
+        mask = None if self.mask is None else checked_mask(self.mask(learn.xb, learn.yb), 'TARCallback(mask=...)')
         stats, coefs = hooks.sums(learn.pct_train, contract, None if plan else batch_size(learn), mask, plan, fwd)
         if plan is None: self._settled(plan := hooks.plan)
         self._batch.update(stats=stats, coefs=coefs, reads=plan.reads)
-
-    def _mask(self):
-        mask = self.mask(self.learn.xb, self.learn.yb)
-        if not hasattr(mask, 'dtype') or str(mask.dtype) != 'torch.bool':
-            raise TypeError(f"TARCallback(mask=...) must return a bool batch x time tensor, True where a step is "
-                            f"real; it returned a {describe(mask)}")
-        return mask
-
-    def _contract(self, output, fwd, plan, training):
-        "fastai's (logits, raw, dropped) when the output, a tuple, is it for certain, and why not otherwise"
-        known = None if plan is None else plan.contract
-        # in training, a settled contract is checked exactly: raw is the output of the module that returned it then
-        contract, why = certain_contract(output, self.learn.model, fwd, self.contract,
-                                         known if not training or known else None,
-                                         plan.producers if training and known else None)
-        if training and contract is None and has_contract_form(output):
-            if known:
-                raise TypeError(f"TARCallback: the first training batch's output was fastai's (logits, raw, dropped) "
-                                f"for certain, but this one's is not ({why}): return the same kind of output every "
-                                "batch, or pass contract=True")
-            self.hooks.say_once('form', f"TARCallback: the model's output has the form of fastai's (logits, raw, "
-                                f"dropped), but {why}, so it goes to the loss as it is and AR/TAR read the modules "
-                                "found or named: see learn.tar.places. Pass contract=True if it is fastai's contract")
-        return contract, why
-
-    def _no_contract(self, output, training):
-        "A plan that reads fastai's (logits, raw, dropped), on a forward that did not return it"
-        if training:
-            raise TypeError(f"TARCallback's plan reads the model's (logits, raw, dropped), settled at the first "
-                            f"training batch, but this forward returned a {describe(output)}: return the same kind "
-                            "of output every batch, or name the modules to read in modules= / ar_modules=")
-        self.hooks.say_once('valid', "TARCallback(valid_metrics=True): the model returns no (logits, raw, dropped) in "
-                            "validation, so the validation penalty is not computed; name modules (modules=) to "
-                            "measure it there")
 
     @property
     def train_reads(self) -> list:

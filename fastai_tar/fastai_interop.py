@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from .module_facts import first_tensor, is_recurrent
 from .plan import Contract, describe, unwrap_model
 
-__all__ = ['TupleLossError', 'FastaiRegularizerSwitch', 'certain_contract', 'check_loss_input', 'has_contract_form',
-           'rnn_callback_output', 'learner_forward', 'fit_running', 'in_validation_context', 'batch_size',
-           'autocast_state', 'restore_autocast']
+__all__ = ['TupleLossError', 'FastaiRegularizerSwitch', 'certain_contract', 'batch_contract', 'no_contract',
+           'check_loss_input', 'rnn_callback_output', 'learner_forward', 'fit_running', 'in_validation_context',
+           'batch_size', 'autocast_state', 'restore_autocast']
 
 
 # --- the contract ----------------------------------------------------------------------------------------------------
@@ -146,6 +146,44 @@ def certain_contract(
                                "(`raw = raw + x`)")
     return Contract(pred[0], raws, drops, per_layer=not isinstance(pred[1], Tensor), producers=found), ''
 
+
+
+def batch_contract(
+    output,  # the model's whole output, a tuple or a list
+    model: nn.Module,  # the learner's model
+    fwd,  # the forward (`capture.Forward`); None where none was captured
+    contract: bool | None,  # `TARCallback(contract=...)`
+    plan,  # the settled `plan.Plan`; None before the first training batch
+    training: bool,  # a training batch
+    say_once,  # the hooks' one-time warning, `say_once(key, message)`
+) -> tuple[Contract | None, str]:
+    "One batch's `certain_contract`: in training, a settled contract is checked exactly (the same modules return raw)"
+    known = None if plan is None else plan.contract
+    found, why = certain_contract(output, model, fwd, contract, known if not training or known else None,
+                                  plan.producers if training and known else None)
+    if training and found is None and has_contract_form(output):
+        if known:
+            raise TypeError(f"TARCallback: the first training batch's output was fastai's (logits, raw, dropped) for "
+                            f"certain, but this one's is not ({why}): return the same kind of output every batch, or "
+                            "pass contract=True")
+        say_once('form', f"TARCallback: the model's output has the form of fastai's (logits, raw, dropped), but {why}, "
+                 "so it goes to the loss as it is and AR/TAR read the modules found or named: see learn.tar.places. "
+                 "Pass contract=True if it is fastai's contract")
+    return found, why
+
+
+def no_contract(
+    output,  # the model's output, not fastai's (logits, raw, dropped)
+    training: bool,  # a training batch
+    say_once,  # the hooks' one-time warning, `say_once(key, message)`
+):
+    "A plan that reads fastai's (logits, raw, dropped), on a forward that did not return it: an error in training"
+    if training:
+        raise TypeError(f"TARCallback's plan reads the model's (logits, raw, dropped), settled at the first training "
+                        f"batch, but this forward returned a {describe(output)}: return the same kind of output every "
+                        "batch, or name the modules to read in modules= / ar_modules=")
+    say_once('valid', "TARCallback(valid_metrics=True): the model returns no (logits, raw, dropped) in validation, so "
+             "the validation penalty is not computed; name modules (modules=) to measure it there")
 
 # --- losses ----------------------------------------------------------------------------------------------------------
 class TupleLossError(TypeError):

@@ -19,7 +19,7 @@ from .arguments import ALPHA, BETA, check_arguments
 from .capture import Capture
 from .functional import mean_of
 from .plan import KINDS, Plan, Request, fingerprint, structure, unwrap_model
-from .reading import PlanBroken, gather, term_sums
+from .reading import PlanBroken, checked_mask, gather, term_sums
 from .schedule import coef_at, describe_coef, may_be_on
 from .settle import describe_candidates, settle, settle_watch
 
@@ -248,11 +248,10 @@ class TARHooks:
             cap.forget()
             raise RuntimeError(f"TARHooks.penalty(): the model ran {said} since the last penalty(), and which one to "
                                "regularize cannot be told: call penalty() after each training forward")
-        if mask is None and self.mask is not None and fwd.training: mask = self.mask(*fwd.args, **fwd.kwargs)
-        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool):
-            raise TypeError(f"mask must be a bool batch x time tensor, True where a step is real; got "
-                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
-        try:
+        try:  # (whatever is raised, the forward is forgotten: the next batch's penalty() reads the next forward)
+            if mask is not None: mask = checked_mask(mask, 'penalty(mask=)')
+            elif self.mask is not None and fwd.training:
+                mask = checked_mask(self.mask(*fwd.args, **fwd.kwargs), f'{self.owner}(mask=...)')
             stats, coefs = self.sums(pct, mask=mask)
             weighted = {r: mean_of(*stats[r], c) for r, c in zip(self.reads, coefs) if r in stats}
         finally: cap.forget()

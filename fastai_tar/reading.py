@@ -15,7 +15,7 @@ from .functional import ar_tar_sum_count
 from .module_facts import first_tensor
 from .plan import KINDS, activations, describe, one_sequence, select_calls, sequences
 
-__all__ = ['PlanBroken', 'gather', 'term_sums']
+__all__ = ['PlanBroken', 'checked_mask', 'gather', 'term_sums']
 
 
 class PlanBroken(RuntimeError):
@@ -103,6 +103,13 @@ def _module_parts(read, calls: list, training: bool, via_ids: set | None, axis: 
         raise PlanBroken(f"{read.name!r} ran {len(calls)} times in this forward, and its calls are not the steps of "
                          "one sequence, as they were when the plan was settled")
     return [_part(read, s, True) for s in sequences(read.module, calls)]
+
+
+def checked_mask(mask, source: str) -> Tensor:
+    "The batch x time mask that `source` gave (a function or an argument), if it is a bool tensor"
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool: return mask
+    raise TypeError(f"{source} must give a bool batch x time tensor, True where a step is real; it gave "
+                    f"a {describe(mask)}")
 
 
 def _user_mask(read, parts: list, mask: Tensor) -> list:

@@ -351,7 +351,7 @@ def test_a_mask_that_does_not_fit_names_both_shapes():
                                          r"batch x time is \(4, 12\)"):
         fit_batches(copy.deepcopy(PLAIN), [TARCallback(mask=lambda xb, yb: by_pad(xb, yb)[:, 1:])],
                     dls=padded_lm_dls())
-    with pytest.raises(TypeError, match=r"mask=\.\.\.\) must return a bool batch x time tensor.*int64"):
+    with pytest.raises(TypeError, match=r"TARCallback\(mask=\.\.\.\) must give a bool batch x time tensor.*int64"):
         fit_batches(copy.deepcopy(PLAIN), [TARCallback(mask=lambda xb, yb: xb[0])], dls=padded_lm_dls())
     with pytest.raises(TypeError, match=r"mask= takes a function of the batch"): TARCallback(mask=torch.ones(2, 2))
 

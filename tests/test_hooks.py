@@ -116,7 +116,14 @@ def test_masks_from_the_forwards_arguments_or_given_and_their_errors():
         with pytest.raises(ValueError, match=r"mask= of shape \(4, 9\) does not fit 'drop', a tensor \(4, 10, 8\)"):
             tar.penalty(mask=real[:, 1:])
         model(x)
-        with pytest.raises(TypeError, match=r"mask must be a bool batch x time tensor"): tar.penalty(mask=x)
+        with pytest.raises(TypeError, match=r"penalty\(mask=\) must give a bool batch x time tensor.*int64"):
+            tar.penalty(mask=x)
+    with TARHooks(model, mask=lambda x: x) as tar:
+        model(x)
+        with pytest.raises(TypeError, match=r"TARHooks\(mask=\.\.\.\) must give a bool batch x time tensor.*int64"):
+            tar.penalty()
+        model(x)  # the failed batch's forward is gone: the next penalty() reads this one
+        with pytest.raises(TypeError, match=r"TARHooks\(mask=\.\.\.\) must give"): tar.penalty()
     with pytest.raises(TypeError, match=r"mask= takes a function"): TARHooks(model, mask=real)
 
 
