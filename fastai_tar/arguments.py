@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from .plan import Place, module_specs
 from .schedule import coef_at, describe_coef
 
-__all__ = ['ALPHA', 'BETA', 'check_arguments', 'check_flags', 'check_axis', 'describe_modules']
+__all__ = ['ALPHA', 'BETA', 'READ_ARGS', 'check_arguments', 'check_flags', 'check_axis', 'check_mask_function',
+           'describe_modules', 'describe_arguments']
 
 
 class _Default(float):
@@ -19,6 +20,12 @@ class _Default(float):
 
 
 ALPHA, BETA = _Default(2.), _Default(1.)  # Merity et al.'s and fastai's language-model defaults
+
+# The arguments that decide what is read: assigning one settles the plan again at the next training forward
+READ_ARGS = ('alpha', 'beta', 'modules', 'ar_modules', 'all_layers', 'seq_dim', 'feature_dim', 'contract')
+# The defaults of the others that `repr` leaves out
+_FLAG_DEFAULTS = dict(all_layers=False, seq_dim=None, feature_dim=None, valid_metrics=False, show_columns=True,
+                      contract=None)
 
 _SPEC = ("a module, a name from model.named_modules(), a Place of either, a list of them, or a dict {module or name: "
          "coefficient}")
@@ -104,6 +111,13 @@ def check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, featu
     return seq_dim, feature_dim
 
 
+def check_mask_function(mask, takes: str, example: str):
+    "`mask=` is None or a function (of what `takes` says) that gives the batch x time mask"
+    if mask is not None and not callable(mask):
+        raise TypeError(f"mask= takes a function of {takes} returning a bool batch x time tensor (True where a step "
+                        f"is real), e.g. {example}; got {type(mask).__name__}")
+
+
 def check_flags(**flags):
     "Each flag is True or False"
     for flag, value in flags.items():
@@ -116,3 +130,13 @@ def describe_modules(spec) -> str:
     if isinstance(spec, dict): return '{' + ', '.join(f'{one(k)}: {describe_coef(v)}' for k, v in spec.items()) + '}'
     if isinstance(spec, (list, tuple)): return '[' + ', '.join(map(one, spec)) + ']'
     return one(spec)
+
+
+def describe_arguments(owner: str, **given) -> str:
+    "`owner(alpha=..., beta=..., ...)` for `repr`: the coefficients, then each other argument that is not its default"
+    out = [f"{k}={describe_coef(given.pop(k))}" for k in ('alpha', 'beta')]
+    for k, v in given.items():
+        if k in _FLAG_DEFAULTS:
+            if v != _FLAG_DEFAULTS[k]: out.append(f"{k}={v!r}")
+        elif v is not None: out.append(f"{k}={describe_coef(v) if k == 'mask' else describe_modules(v)}")
+    return f"{owner}({', '.join(out)})"

@@ -8,20 +8,18 @@ from fastcore.basics import PrettyString
 from torch import Tensor
 
 from .arg_docs import add_arg_docs
-from .arguments import ALPHA, BETA, check_arguments, check_flags, describe_modules
+from .arguments import ALPHA, BETA, READ_ARGS, check_arguments, check_flags, check_mask_function, describe_arguments
 from .fastai_interop import (FastaiRegularizerSwitch, autocast_state, batch_contract, batch_size, check_loss_input,
                              fit_running, in_validation_context, learner_forward, no_contract, restore_autocast,
                              rnn_callback_output)
 from .functional import mean_of
 from .hooks import TARHooks
-from .plan import KINDS, describe
+from .plan import KINDS
 from .reading import checked_mask
 from .report import PenaltyReport, drop_columns, plot_history
-from .schedule import describe_coef, may_be_on
+from .schedule import may_be_on
 
 __all__ = ['TARCallback']
-
-_READ_ARGS = ('alpha', 'beta', 'modules', 'ar_modules', 'all_layers', 'seq_dim', 'feature_dim', 'contract')
 
 
 def _cleans_up_on_error(event):
@@ -63,9 +61,7 @@ class TARCallback(Callback):
         seq_dim, feature_dim = check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim,
                                                contract)
         check_flags(valid_metrics=valid_metrics, show_columns=show_columns)
-        if mask is not None and not callable(mask):
-            raise TypeError(f"mask= takes a function of the batch, mask(xb, yb), returning a bool batch x time tensor "
-                            f"(True where a step is real), e.g. lambda xb, yb: xb[0] != pad_idx; got {describe(mask)}")
+        check_mask_function(mask, "the batch, mask(xb, yb),", "lambda xb, yb: xb[0] != pad_idx")
         self.__dict__.update(alpha=alpha, beta=beta, modules=modules, ar_modules=ar_modules, all_layers=all_layers,
                              seq_dim=seq_dim, feature_dim=feature_dim, mask=mask, valid_metrics=valid_metrics,
                              show_columns=show_columns, contract=contract, learn=None)
@@ -74,14 +70,14 @@ class TARCallback(Callback):
 
     def _init_state(self):
         self.__dict__.update(_report=PenaltyReport(), _batch={}, _autocast=None, hooks=TARHooks(
-            None, *(self.__dict__[a] for a in _READ_ARGS[:-1]), contract=self.contract, on_raise=self._on_raise,
+            None, *(self.__dict__[a] for a in READ_ARGS[:-1]), contract=self.contract, on_raise=self._on_raise,
             owner='TARCallback'))
 
     def __setattr__(self, name, value):
         if name == 'learn' and value is None and self.learn is not None: self._recover()  # `learn.remove_cb`
         if name.startswith('_') or name == 'learn': self.__dict__[name] = value  # no shadowing check per batch
         else: super().__setattr__(name, value)
-        if name in _READ_ARGS:  # read at the next training forward: one assigned mid-fit settles the plan again
+        if name in READ_ARGS:  # read at the next training forward: one assigned mid-fit settles the plan again
             setattr(self.hooks, name, value)
             if self.hooks.is_open: self.hooks.prepare()
 
@@ -109,7 +105,7 @@ class TARCallback(Callback):
 
     def _begin_fit(self, mid_fit: bool = False):
         # arguments assigned since construction (`learn.tar.beta = 5.`) are checked as the constructor checks them
-        seq_dim, feature_dim = check_arguments(*(getattr(self, a) for a in _READ_ARGS))
+        seq_dim, feature_dim = check_arguments(*(getattr(self, a) for a in READ_ARGS))
         self.hooks.seq_dim, self.hooks.feature_dim = seq_dim, feature_dim
         self._open()
         self._fitting, self._autocast = True, autocast_state()
@@ -238,14 +234,8 @@ class TARCallback(Callback):
 
     def __repr__(self):
         "One line, as fastai lists callbacks: the arguments given, then (attached) what is read."
-        given = [f"alpha={describe_coef(self.alpha)}", f"beta={describe_coef(self.beta)}"]
-        given += [f"{k}={describe_modules(getattr(self, k))}" for k in ('modules', 'ar_modules')
-                  if getattr(self, k) is not None]
-        given += [f"{k}={getattr(self, k)!r}" for k, default in
-                  (('all_layers', False), ('seq_dim', None), ('feature_dim', None), ('valid_metrics', False),
-                   ('show_columns', True), ('contract', None)) if getattr(self, k) != default]
-        if self.mask is not None: given.append(f"mask={describe_coef(self.mask)}")
-        head = f"TARCallback({', '.join(given)})"
+        head = describe_arguments('TARCallback', **{a: getattr(self, a) for a in (*READ_ARGS, 'mask', 'valid_metrics',
+                                                                                  'show_columns')})
         if self.learn is None: return head
         try: places = self.places
         except (ValueError, TypeError) as e: return f"{head}: cannot hook: {e}"

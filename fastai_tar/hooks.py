@@ -15,18 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from .arg_docs import add_arg_docs
-from .arguments import ALPHA, BETA, check_arguments
+from .arguments import ALPHA, BETA, READ_ARGS, check_arguments, check_mask_function, describe_arguments
 from .capture import Capture
 from .functional import mean_of
 from .plan import KINDS, Plan, Request, fingerprint, structure, unwrap_model
 from .reading import PlanBroken, checked_mask, gather, term_sums
-from .schedule import coef_at, describe_coef, may_be_on
+from .schedule import coef_at, may_be_on
 from .settle import describe_candidates, settle, settle_watch
 
 __all__ = ['TARHooks']
-
-# The arguments that decide what is read: assigning one settles the plan again at the next training forward
-_READ_ARGS = ('alpha', 'beta', 'modules', 'ar_modules', 'all_layers', 'seq_dim', 'feature_dim', 'contract')
 
 
 @add_arg_docs
@@ -52,9 +49,8 @@ class TARHooks:
     ):
         seq_dim, feature_dim = check_arguments(alpha, beta, modules, ar_modules, all_layers, seq_dim, feature_dim,
                                                contract)
-        if mask is not None and not callable(mask):
-            raise TypeError(f"mask= takes a function of the forward's arguments returning a bool batch x time tensor, "
-                            f"got {type(mask).__name__}: pass a tensor to penalty(mask=) instead")
+        check_mask_function(mask, "the forward's arguments", "lambda tokens: tokens != pad_idx (a tensor goes to "
+                            "penalty(mask=))")
         self.__dict__.update(alpha=alpha, beta=beta, modules=modules, ar_modules=ar_modules, all_layers=all_layers,
                              seq_dim=seq_dim, feature_dim=feature_dim, contract=contract, mask=mask, model=model)
         self.capture = Capture(accept, on_raise or (lambda cap: cap.forget()))
@@ -65,7 +61,7 @@ class TARHooks:
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
-        if name in _READ_ARGS or name == 'model':  # read at the next training forward
+        if name in READ_ARGS or name == 'model':  # read at the next training forward
             object.__setattr__(self, '_request', None)
             object.__setattr__(self, '_current', None)
 
@@ -273,8 +269,8 @@ class TARHooks:
         return self.penalty(pct=getattr(self._trainer, 'pct_train', None))
 
     def __repr__(self):
-        given = [f"alpha={describe_coef(self.alpha)}", f"beta={describe_coef(self.beta)}"]
-        return f"TARHooks({', '.join(given)}){': ' + '; '.join(map(repr, self.reads)) if self.reads else ''}"
+        head = describe_arguments(self.owner, **{a: getattr(self, a) for a in (*READ_ARGS, 'mask')})
+        return f"{head}{': ' + '; '.join(map(repr, self.reads)) if self.reads else ''}"
 
 
 def _device(output) -> torch.device:

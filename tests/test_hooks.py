@@ -155,6 +155,10 @@ def test_a_transformer_block_named_with_its_layout():
     with TARHooks(enc, modules='layers.1', alpha=0., seq_dim=1) as tar:
         enc(x)
         assert tar.penalty().item() == pytest.approx(ref_penalty(0., 1., seen[-1]), rel=1e-6)
+        assert repr(tar) == ("TARHooks(alpha=0.0, beta=1.0, modules='layers.1', seq_dim=1): AR layers.1 "
+                             "(TransformerEncoderLayer): named by you; no dropout takes its output, so AR reads it "
+                             "raw; TAR layers.1 (TransformerEncoderLayer): time axis 1 (seq_dim=1, yours); named by "
+                             "you")
 
 
 def test_arguments_changed_between_forwards():
