@@ -239,4 +239,5 @@ class TARCallback(Callback):
         if self.learn is None: return head
         try: places = self.places
         except (ValueError, TypeError) as e: return f"{head}: cannot hook: {e}"
-        return f"{head}: {'; '.join(l.strip() for l in places.splitlines())}"
+        lines = [l.strip() for l in places.splitlines()]  # (a heading line, ending in ':', runs on into the next)
+        return f"{head}: {''.join(l + (' ' if l.endswith(':') else '; ') for l in lines)[:-2]}"

@@ -399,8 +399,8 @@ def test_repr_says_what_is_hooked_and_with_which_coefficients():
     assert repr(tar) == "TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0))"
     learn = tiny_learner(tar)
     before = ("TARCallback(alpha=2.0, beta=SchedLin(0.0, 1.0)): if the model's forward returns fastai's (logits, raw, "
-              "dropped):; AR dropped (output[2]): alpha=2.0; TAR raw (output[1]): beta=SchedLin(0.0, 1.0); otherwise, "
-              "found from the model's structure:; AR the dropout that takes the output TAR reads, else that output: "
+              "dropped): AR dropped (output[2]): alpha=2.0; TAR raw (output[1]): beta=SchedLin(0.0, 1.0); otherwise, "
+              "found from the model's structure: AR the dropout that takes the output TAR reads, else that output: "
               "alpha=2.0; TAR the last RNN module, 0 (AWD_LSTM): beta=SchedLin(0.0, 1.0); (settled at the first "
               "training batch)")
     assert repr(learn.tar) == before
