@@ -15,7 +15,7 @@ from .fastai_interop import (FastaiRegularizerSwitch, autocast_state, batch_cont
 from .functional import mean_of
 from .hooks import TARHooks
 from .plan import KINDS
-from .reading import checked_mask
+from .reading import batch_mask
 from .report import PenaltyReport, drop_columns, plot_history
 from .schedule import may_be_on
 
@@ -153,7 +153,8 @@ class TARCallback(Callback):
         if not training and (not self.valid_metrics or plan is None or in_validation_context(learn)): return
         if contract is None and plan is not None and plan.reads_output:
             return no_contract(output, training, hooks.say_once)
-        mask = None if self.mask is None else checked_mask(self.mask(learn.xb, learn.yb), 'TARCallback(mask=...)')
+        mask = None if self.mask is None else batch_mask(self.mask, (learn.xb, learn.yb), {}, 'TARCallback(mask=...)',
+                                                          'mask(xb, yb), xb and yb tuples')
         stats, coefs = hooks.sums(learn.pct_train, contract, None if plan else batch_size(learn), mask, plan, fwd)
         if plan is None: self._settled(plan := hooks.plan)
         self._batch.update(stats=stats, coefs=coefs, reads=plan.reads)

@@ -19,7 +19,7 @@ from .arguments import ALPHA, BETA, READ_ARGS, check_arguments, check_mask_funct
 from .capture import Capture
 from .functional import mean_of
 from .plan import KINDS, Plan, Request, fingerprint, structure, unwrap_model
-from .reading import PlanBroken, checked_mask, gather, term_sums
+from .reading import PlanBroken, batch_mask, checked_mask, gather, term_sums
 from .schedule import coef_at, may_be_on
 from .settle import describe_candidates, settle, settle_watch
 
@@ -244,12 +244,15 @@ class TARHooks:
             cap.forget()
             raise RuntimeError(f"TARHooks.penalty(): the model ran {said} since the last penalty(), and which one to "
                                "regularize cannot be told: call penalty() after each training forward")
+        weighted = {}  # (a forward in eval() or without gradient has nothing to regularize)
         try:  # (whatever is raised, the forward is forgotten: the next batch's penalty() reads the next forward)
-            if mask is not None: mask = checked_mask(mask, 'penalty(mask=)')
-            elif self.mask is not None and fwd.training:
-                mask = checked_mask(self.mask(*fwd.args, **fwd.kwargs), f'{self.owner}(mask=...)')
-            stats, coefs = self.sums(pct, mask=mask)
-            weighted = {r: mean_of(*stats[r], c) for r, c in zip(self.reads, coefs) if r in stats}
+            if fwd.training:
+                if mask is not None: mask = checked_mask(mask, 'penalty(mask=)')
+                elif self.mask is not None:
+                    mask = batch_mask(self.mask, fwd.args, fwd.kwargs, f'{self.owner}(mask=...)',
+                                      "mask(*args, **kwargs), with the model's forward arguments")
+                stats, coefs = self.sums(pct, mask=mask)
+                weighted = {r: mean_of(*stats[r], c) for r, c in zip(self.reads, coefs) if r in stats}
         finally: cap.forget()
         self.prepare()
         zero = torch.zeros((), device=_device(fwd.output))

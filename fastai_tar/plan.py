@@ -14,7 +14,7 @@ from .schedule import describe_coef
 
 __all__ = ['Kind', 'KINDS', 'Place', 'Request', 'Read', 'Contract', 'Plan', 'NothingToRegularize', 'module_specs',
            'unwrap_model', 'fingerprint', 'structure', 'describe', 'sequences', 'one_sequence', 'select_calls',
-           'activations']
+           'activation_groups']
 
 
 @dataclass(frozen=True)
@@ -226,10 +226,11 @@ def _activation(call, item):
     return out.data if type(out) is PackedSequence else out
 
 
-def activations(read: Read, calls: list, training: bool = False) -> list:
-    """The tensors a module read takes from its calls (a PackedSequence's data): what AR's dropout must receive. In
+def activation_groups(read: Read, calls: list, training: bool = False) -> dict:
+    """The tensors a module read takes from its calls (a PackedSequence's data), what AR's dropout must receive: the id
+    of each -> the index of its call's sequence (`sequences`), so that the dropout's calls join as the read's do. In
     training, of the calls with gradient."""
-    found = []
-    for c in calls if read.call is None else select_calls(read, calls):  # (a loop: this runs at every batch)
-        if c[5] or not training: found.append(_activation(c, read.item))
-    return found
+    calls = calls if read.call is None else select_calls(read, calls)
+    if training: calls = [c for c in calls if c[5]]
+    if len(calls) == 1: return {id(_activation(calls[0], read.item)): 0}  # (the common case, without sequences)
+    return {id(_activation(c, read.item)): i for i, seq in enumerate(sequences(read.module, calls)) for c in seq}

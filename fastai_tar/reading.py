@@ -7,15 +7,17 @@ sequence (each call's state argument is the previous call's state output), joine
 axis; or the calls a `Place` picked, each sequence apart. Calls on `nn.DataParallel`'s replicas are shards of one
 call: each shard is read apart and the shards pool into one mean.
 """
+import inspect
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .functional import ar_tar_sum_count
 from .module_facts import first_tensor
-from .plan import KINDS, activations, describe, one_sequence, select_calls, sequences
+from .plan import KINDS, activation_groups, describe, one_sequence, select_calls, sequences
 
-__all__ = ['PlanBroken', 'checked_mask', 'gather', 'term_sums']
+__all__ = ['PlanBroken', 'checked_mask', 'batch_mask', 'gather', 'term_sums']
 
 
 class PlanBroken(RuntimeError):
@@ -86,23 +88,37 @@ def _part(read, calls: list, axis: bool) -> tuple:
     return torch.cat([h for h, _, _ in parts], sd), mask, sd
 
 
-def _module_parts(read, calls: list, training: bool, via_ids: set | None, axis: bool) -> list:
-    "A module read's `(h, mask, seq_dim)` parts, by the plan's rule, from its calls in this forward"
+def _module_parts(read, calls: list, training: bool, via: dict | None, axis: bool) -> list:
+    """A module read's `(h, mask, seq_dim)` parts, by the plan's rule, from its calls in this forward. `via`: AR's
+    dropout takes what that read reads, {id of each tensor: its sequence} (`plan.activation_groups`)"""
     if len(calls) == 1 and read.call is None:  # the common case, without a further call
         c = calls[0]
-        if training and not c[5] or via_ids is not None and (not c[1] or id(first_tensor(c[1])) not in via_ids):
+        if training and not c[5] or via is not None and (not c[1] or id(first_tensor(c[1])) not in via):
             return []
         return [_part(read, calls, axis)]
     if training: calls = [c for c in calls if c[5]]
-    if via_ids is not None: calls = [c for c in calls if c[1] and id(first_tensor(c[1])) in via_ids]
-    if not calls: return []
-    if via_ids is not None:  # the dropout's calls that took what `via` read: a cell's steps joined, else apart
-        return [_part(read, calls, True)] if read.steps else [_part(read, [c], axis) for c in calls]
+    if via is not None: return _dropout_parts(read, calls, via, axis)
     calls = select_calls(read, calls)
+    if not calls: return []
     if read.call is None and not one_sequence(read.module, calls):
         raise PlanBroken(f"{read.name!r} ran {len(calls)} times in this forward, and its calls are not the steps of "
                          "one sequence, as they were when the plan was settled")
     return [_part(read, s, True) for s in sequences(read.module, calls)]
+
+
+def _dropout_parts(read, calls: list, via: dict, axis: bool) -> list:
+    "The dropout's calls that took what `via` read, one each, joined as the sequences they took their inputs from"
+    groups, taken = {}, set()
+    for c in calls:
+        x = first_tensor(c[1]) if c[1] else None
+        if x is None or id(x) not in via: continue
+        if id(x) in taken:
+            raise PlanBroken(f"{read.name!r} took the output of {read.via.name!r} twice in this forward, where it took "
+                             "it once when the plan was settled")
+        taken.add(id(x))
+        groups.setdefault(via[id(x)], []).append(c)
+    if read.seq_dim is None: return [_part(read, [c], axis) for cs in groups.values() for c in cs]  # no time to join
+    return [_part(read, cs, axis or len(cs) > 1) for cs in groups.values()]
 
 
 def checked_mask(mask, source: str) -> Tensor:
@@ -110,6 +126,24 @@ def checked_mask(mask, source: str) -> Tensor:
     if isinstance(mask, Tensor) and mask.dtype == torch.bool: return mask
     raise TypeError(f"{source} must give a bool batch x time tensor, True where a step is real; it gave "
                     f"a {describe(mask)}")
+
+
+def batch_mask(
+    fn,  # the mask function the user gave
+    args: tuple,  # what it is called with
+    kwargs: dict,
+    source: str,  # where it was given, for messages: 'TARCallback(mask=...)'
+    called_as: str,  # how it is called, for messages: 'mask(xb, yb)'
+) -> Tensor:
+    "The mask `fn` makes of a batch, checked; a function that cannot take what it is called with is told how it is"
+    try: mask = fn(*args, **kwargs)
+    except TypeError as e:
+        try: inspect.signature(fn).bind(*args, **kwargs)
+        except TypeError:  # (not one raised inside the function: that one is the user's to read, as it is)
+            raise TypeError(f"{source} is called as {called_as}, which the function given cannot take: {e}") from None
+        except ValueError: pass  # (a callable without a signature to check)
+        raise
+    return checked_mask(mask, source)
 
 
 def _user_mask(read, parts: list, mask: Tensor) -> list:
@@ -123,13 +157,21 @@ def _user_mask(read, parts: list, mask: Tensor) -> list:
         if h.dim() != 3 or mask.dim() != 2:
             raise ValueError(f"mask= of shape {tuple(mask.shape)} does not fit {read.name!r}, a tensor "
                              f"{tuple(h.shape)} that {read.kind.upper()} reads: the mask is batch x time, and the "
-                             "read tensor batch, time and features")
+                             "read tensor batch, time and features" + (
+                                 " (a PackedSequence's data has no batch and time axes: read the module that returns "
+                                 "the PackedSequence, or apply the dropout to the padded output)" if h.dim() == 2
+                                 else ""))
         bd = ({0, 1, 2} - {sd, fd}).pop()
-        if mask.shape != (h.shape[bd], h.shape[sd]):
+        um = mask
+        if m is not None and mask.shape[0] == h.shape[bd] and mask.shape[1] > h.shape[sd]:
+            # the module's padding says there are no steps past these (a PackedSequence unpacks to its longest
+            # sequence): and-ed with it, the mask's later steps are False anyway
+            um = mask[:, :h.shape[sd]]
+        if um.shape != (h.shape[bd], h.shape[sd]):
             raise ValueError(f"mask= of shape {tuple(mask.shape)} does not fit {read.name!r}, a tensor "
                              f"{tuple(h.shape)} that {read.kind.upper()} reads: its batch x time is "
                              f"{(h.shape[bd], h.shape[sd])}")
-        um = mask.to(h.device, non_blocking=True) if mask.device != h.device else mask
+        if um.device != h.device: um = um.to(h.device, non_blocking=True)
         if bd > sd: um = um.T
         out.append((h, um if m is None else m & um, sd))
     return out
@@ -153,7 +195,7 @@ def gather(
         else:
             via = None
             if r.via is not None:  # the calls whose input is what `via` reads, by identity
-                via = set(map(id, activations(r.via, by_module.get(id(r.via.module), ()), fwd.training)))
+                via = activation_groups(r.via, by_module.get(id(r.via.module), ()), fwd.training)
             axis = r.kind == 'tar' or mask is not None  # (AR's time axis is for a mask alone)
             ps = _module_parts(r, by_module.get(id(r.module), []), fwd.training, via, axis)
             if not ps and missing is not None and not fwd.training:

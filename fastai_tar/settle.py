@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .module_facts import activation_item, fastai_class, first_tensor, is_dropout, is_recurrent, layout
-from .plan import (KINDS, Contract, NothingToRegularize, Place, Plan, Read, Request, activations, describe, fingerprint,
-                   module_specs, one_sequence, select_calls, sequences, unwrap_model)
+from .plan import (KINDS, Contract, NothingToRegularize, Place, Plan, Read, Request, activation_groups, describe,
+                   fingerprint, module_specs, one_sequence, select_calls, sequences, unwrap_model)
 from .schedule import describe_coef
 
 __all__ = ['settle_watch', 'settle', 'describe_candidates']
@@ -301,12 +301,25 @@ def _found_reads(model, req: Request, seen: _Seen) -> list:
     return reads
 
 
+def _one_call_each(dropout: nn.Module, name: str, tar_read, ids: dict, calls: list):
+    "The dropout takes each tensor TAR reads once: where it takes one twice (Monte Carlo dropout), ask which call"
+    took = {}
+    for i, c in enumerate(calls):
+        if c[1] and id(first_tensor(c[1])) in ids: took.setdefault(id(first_tensor(c[1])), []).append(i)
+    twice = next((idx for idx in took.values() if len(idx) > 1), None)
+    if twice is not None:
+        raise ValueError(f"AR reads the dropout of the output of {tar_read.name!r}, and {name} "
+                         f"({type(dropout).__name__}) takes that output {len(twice)} times in one forward (calls "
+                         f"{', '.join(map(str, twice))}), each with a mask of its own: pick the call to read, "
+                         f"ar_modules=Place({name!r}, call={twice[-1]}), or a list of calls to pool")
+
+
 def _ar_of(tar_reads: list, req: Request, seen: _Seen, model) -> tuple[list, list]:
     "AR of each TAR read: the dropout whose input is what it reads, by identity; else what it reads (said once)"
     reads, notes = [], []
     refs = _coef_refs(req, 'ar', len(tar_reads), 'layer(s) for AR, one per place TAR reads')
     for t, ref in zip(tar_reads, refs):
-        ids = {id(x) for x in activations(t, seen.calls(t.module))}
+        ids = activation_groups(t, seen.calls(t.module))
         takers = {}
         for c in seen.fwd.calls:
             if is_dropout(c[0]) and c[1] and id(first_tensor(c[1])) in ids: takers.setdefault(id(c[0]), c[0])
@@ -317,6 +330,7 @@ def _ar_of(tar_reads: list, req: Request, seen: _Seen, model) -> tuple[list, lis
         if takers:
             (module,) = takers.values()
             name = seen.names[id(module)]
+            _one_call_each(module, name, t, ids, seen.calls(module))
             read = Read('ar', name, module, ref, t.source, f"{'found: ' if t.source == 'found' else ''}the dropout "
                         f"that takes the output of {t.name or '<model>'}", via=t,
                         seq_dim=t.seq_dim, axis_why=t.axis_why, axes_given=t.axes_given, steps=t.steps,

@@ -353,6 +353,9 @@ def test_a_mask_that_does_not_fit_names_both_shapes():
                     dls=padded_lm_dls())
     with pytest.raises(TypeError, match=r"TARCallback\(mask=\.\.\.\) must give a bool batch x time tensor.*int64"):
         fit_batches(copy.deepcopy(PLAIN), [TARCallback(mask=lambda xb, yb: xb[0])], dls=padded_lm_dls())
+    with pytest.raises(TypeError, match=r"TARCallback\(mask=\.\.\.\) is called as mask\(xb, yb\), xb and yb tuples, "
+                                        r"which the function given cannot take"):
+        fit_batches(copy.deepcopy(PLAIN), [TARCallback(mask=lambda xb: xb[0] != 0)], dls=padded_lm_dls())
     with pytest.raises(TypeError, match=r"mask= takes a function of the batch"): TARCallback(mask=torch.ones(2, 2))
 
 

@@ -94,6 +94,10 @@ def test_eval_and_no_grad_forwards_give_zero_and_penalty_asks_for_one_forward_ea
         model(x)
         assert tar.penalty().item() > 0 and len(tar.reads) == 2
         with pytest.raises(RuntimeError, match='no forward'): tar.penalty()
+        model.eval(); model(x); model.train()  # once settled too: an eval forward, and one without gradient, give 0
+        assert tar.penalty().item() == 0. and all(t.item() == 0. for t in tar.terms.values())
+        with torch.no_grad(): model(x)
+        assert tar.penalty().item() == 0.
 
 
 def test_masks_from_the_forwards_arguments_or_given_and_their_errors():
@@ -124,6 +128,16 @@ def test_masks_from_the_forwards_arguments_or_given_and_their_errors():
             tar.penalty()
         model(x)  # the failed batch's forward is gone: the next penalty() reads this one
         with pytest.raises(TypeError, match=r"TARHooks\(mask=\.\.\.\) must give"): tar.penalty()
+    with TARHooks(model, mask=lambda x, lengths: x != 0) as tar:  # a function that does not fit the forward
+        model(x)
+        with pytest.raises(TypeError, match=r"TARHooks\(mask=\.\.\.\) is called as mask\(\*args, \*\*kwargs\), "
+                                            r"with the model's forward arguments, which the function given cannot "
+                                            r"take: .*missing 1 required positional argument: 'lengths'"):
+            tar.penalty()
+    def raises_inside(x): raise TypeError('the function\'s own error')
+    with TARHooks(model, mask=raises_inside) as tar:  # an error inside the function is left as it is
+        model(x)
+        with pytest.raises(TypeError, match=r"^the function's own error$"): tar.penalty()
     with pytest.raises(TypeError, match=r"mask= takes a function"): TARHooks(model, mask=real)
 
 
@@ -202,3 +216,86 @@ def test_importing_and_running_it_loads_no_fastai():
                          env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == '[]'
+
+
+class SteppedGRU(nn.Module):
+    "A decoder stepping an nn.GRU one token per call, its state chained, with a dropout on each step's output"
+    def __init__(self, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.drop = nn.GRU(n, n, batch_first=True), nn.Dropout(0.5)
+    def forward(self, x):
+        state, raws, drops = None, [], []
+        for t in range(x.shape[1]):
+            out, state = self.rnn(x[:, t:t + 1], state)
+            raws.append(out); drops.append(self.drop(out))
+        self.seen = torch.cat(raws, 1), torch.cat(drops, 1)
+        return self.seen[1]
+
+
+def test_a_dropout_on_each_step_of_a_stepped_rnn_joins_as_its_steps_do_and_takes_the_mask():
+    model, x = SteppedGRU(), torch.randn(3, 5, 4)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    with TARHooks(model) as tar:
+        model(x)
+        raw, dropped = model.seen
+        assert tar.penalty(mask=mask).item() == pytest.approx(
+            ref_penalty(2., 0., (dropped, mask)) + ref_penalty(0., 1., (raw, mask)), rel=1e-6)
+        assert [r.name for r in tar.reads] == ['drop', 'rnn']
+
+
+class Packed(nn.Module):
+    "An nn.GRU on a PackedSequence, padded to the batch's width; with `drop_data`, a dropout on the packed data"
+    def __init__(self, drop_data=False, n=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.drop = nn.GRU(n, n, batch_first=True), nn.Dropout(0.5) if drop_data else None
+    def forward(self, x, lengths):
+        out, _ = self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        self.seen = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0]
+        if self.drop is None: return out
+        self.dropped = self.drop(out.data)
+        return nn.utils.rnn.PackedSequence(self.dropped, out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+
+
+def test_a_mask_as_wide_as_the_padded_batch_fits_a_packed_sequence_unpacked_to_its_longest():
+    model, x, lengths = Packed(), torch.randn(3, 6, 4), torch.tensor([3, 5, 2])
+    mask = torch.arange(6)[None] < lengths[:, None]
+    mask[0, 1] = False  # a step the user leaves out besides the padding
+    with TARHooks(model, alpha=0.) as tar:
+        model(x, lengths)
+        assert model.seen.shape[1] == 5  # the longest sequence, not the batch's width
+        assert tar.penalty(mask=mask).item() == pytest.approx(ref_penalty(0., 1., (model.seen, mask[:, :5])),
+                                                              rel=1e-6)
+
+
+def test_a_mask_on_a_dropout_of_packed_data_says_why_it_cannot_fit():
+    model, x, lengths = Packed(drop_data=True), torch.randn(3, 6, 4), torch.tensor([3, 6, 2])
+    with TARHooks(model, beta=0.) as tar:
+        model(x, lengths)
+        # without a mask, the packed data: every real step, and nothing else
+        assert model.dropped.shape == (11, 4) and tar.penalty().item() == pytest.approx(
+            ref_penalty(2., 0., model.dropped[:, None]), rel=1e-6)
+        model(x, lengths)
+        with pytest.raises(ValueError, match=r"does not fit 'drop', a tensor \(11, 4\).*a PackedSequence's data has no "
+                                             r"batch and time axes"):
+            tar.penalty(mask=torch.arange(6)[None] < lengths[:, None])
+
+
+def test_a_found_dropout_that_takes_the_output_twice_after_the_plan_was_settled_is_an_error():
+    class Maybe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.drop, self.twice = nn.GRU(4, 4, batch_first=True), nn.Dropout(0.5), False
+        def forward(self, x):
+            h = self.rnn(x)[0]
+            return (self.drop(h) + self.drop(h)) / 2 if self.twice else self.drop(h)
+    model, x = Maybe(), torch.randn(2, 5, 4)
+    with TARHooks(model) as tar:
+        model(x); tar.penalty()
+        model.twice = True
+        model(x)
+        with pytest.raises(RuntimeError, match=r"'drop' took the output of 'rnn' twice in this forward, where it "
+                                               r"took it once when the plan was settled"):
+            tar.penalty()

@@ -111,6 +111,16 @@ def test_ar_reads_the_dropout_that_receives_what_tar_reads_else_that_tensor_and_
     with pytest.raises(ValueError, match=r"2 dropouts take it \('d1' \(Dropout\), 'd2' \(Dropout\)\).*ar_modules="):
         settled(TwoDropouts(), tokens())
 
+    class MonteCarlo(nn.Module):  # one dropout taking the RNN output twice: two masks, two candidates
+        def __init__(self): super().__init__(); self.e, self.rnn, self.drop = (
+            nn.Embedding(VOCAB, 4), nn.GRU(4, 4, batch_first=True), nn.Dropout(0.5))
+        def forward(self, x): h = self.rnn(self.e(x))[0]; return (self.drop(h) + self.drop(h)) / 2
+    with pytest.raises(ValueError, match=r"drop \(Dropout\) takes that output 2 times in one forward \(calls 0, 1\).*"
+                                         r"ar_modules=Place\('drop', call=1\)"):
+        settled(MonteCarlo(), tokens())
+    plan = settled(MonteCarlo(), tokens(), ar_modules=Place('drop', call=1))
+    assert places(plan) == [('ar', 'drop', 'named'), ('tar', 'rnn', 'found')] and plan.reads[0].call == 1
+
 
 def test_several_recurrent_modules_read_the_last_and_say_so_naming_every_one():
     class EncoderCell(nn.Module):
