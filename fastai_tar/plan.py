@@ -14,7 +14,7 @@ from .schedule import describe_coef
 
 __all__ = ['Kind', 'KINDS', 'Place', 'Request', 'Read', 'Contract', 'Plan', 'NothingToRegularize', 'module_specs',
            'unwrap_model', 'fingerprint', 'structure', 'describe', 'sequences', 'one_sequence', 'select_calls',
-           'activation_groups']
+           'graded', 'activation_groups']
 
 
 @dataclass(frozen=True)
@@ -226,11 +226,17 @@ def _activation(call, item):
     return out.data if type(out) is PackedSequence else out
 
 
+def graded(calls: list, training: bool) -> list:
+    """The calls that count: in training, those with gradient (a no-grad burn-in call is skipped, and `Place(call=)`
+    counts among the rest)"""
+    return [c for c in calls if c[5]] if training else calls
+
+
 def activation_groups(read: Read, calls: list, training: bool = False) -> dict:
     """The tensors a module read takes from its calls (a PackedSequence's data), what AR's dropout must receive: the id
     of each -> the index of its call's sequence (`sequences`), so that the dropout's calls join as the read's do. In
     training, of the calls with gradient."""
-    calls = calls if read.call is None else select_calls(read, calls)
-    if training: calls = [c for c in calls if c[5]]
+    calls = graded(calls, training)
+    if read.call is not None: calls = select_calls(read, calls)
     if len(calls) == 1: return {id(_activation(calls[0], read.item)): 0}  # (the common case, without sequences)
     return {id(_activation(c, read.item)): i for i, seq in enumerate(sequences(read.module, calls)) for c in seq}

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .functional import ar_tar_sum_count
 from .module_facts import first_tensor
-from .plan import KINDS, activation_groups, describe, one_sequence, select_calls, sequences
+from .plan import KINDS, activation_groups, describe, graded, one_sequence, select_calls, sequences
 
 __all__ = ['PlanBroken', 'checked_mask', 'batch_mask', 'gather', 'term_sums']
 
@@ -96,7 +96,7 @@ def _module_parts(read, calls: list, training: bool, via: dict | None, axis: boo
         if training and not c[5] or via is not None and (not c[1] or id(first_tensor(c[1])) not in via):
             return []
         return [_part(read, calls, axis)]
-    if training: calls = [c for c in calls if c[5]]
+    calls = graded(calls, training)
     if via is not None: return _dropout_parts(read, calls, via, axis)
     calls = select_calls(read, calls)
     if not calls: return []

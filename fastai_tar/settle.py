@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .module_facts import activation_item, fastai_class, first_tensor, is_dropout, is_recurrent, layout
 from .plan import (KINDS, Contract, NothingToRegularize, Place, Plan, Read, Request, activation_groups, describe,
-                   fingerprint, module_specs, one_sequence, select_calls, sequences, unwrap_model)
+                   fingerprint, graded, module_specs, one_sequence, select_calls, sequences, unwrap_model)
 from .schedule import describe_coef
 
 __all__ = ['settle_watch', 'settle', 'describe_candidates']
@@ -93,7 +93,7 @@ class _Seen:
             if isinstance(t, Tensor): self.sources.setdefault(id(t), self.say(c[0]))
 
     def say(self, module) -> str: return f"{self.names.get(id(module), '?')!r} ({type(module).__name__})"
-    def calls(self, module) -> list: return _graded(self.fwd.of(module), self.training)
+    def calls(self, module) -> list: return graded(self.fwd.of(module), self.training)
 
     def why_silent(self, module, arg: str) -> str:
         "Why a module read has no call: a holder that ran called its forward directly, or the forward never called it"
@@ -116,11 +116,6 @@ class _Seen:
                     "torch.no_grad() around it, or torch.utils.checkpoint(..., use_reentrant=True), which runs the "
                     "forward without gradient (use use_reentrant=False)")
         return f"the learner's forward did not call it: name modules that run in the forward in {arg}="
-
-
-def _graded(calls: list, training: bool) -> list:
-    "The calls that count: in training, those with gradient (a no-grad burn-in call is skipped)"
-    return [c for c in calls if c[5]] if training else calls
 
 
 # --- layouts ---------------------------------------------------------------------------------------------------------

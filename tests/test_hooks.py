@@ -299,3 +299,22 @@ def test_a_found_dropout_that_takes_the_output_twice_after_the_plan_was_settled_
         with pytest.raises(RuntimeError, match=r"'drop' took the output of 'rnn' twice in this forward, where it "
                                                r"took it once when the plan was settled"):
             tar.penalty()
+
+
+def test_a_picked_call_counts_among_the_calls_with_gradient_for_tar_and_for_the_dropout_ar_finds():
+    "A no-grad burn-in call, then two calls: Place(call=1) is the second call with gradient, for both terms"
+    class BurnIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn, self.drop = nn.GRU(4, 4, batch_first=True), nn.Dropout(0.5)
+        def forward(self, a, b):
+            with torch.no_grad(): self.rnn(a)
+            ha, hb = self.rnn(a)[0], self.rnn(b)[0]
+            self.seen = ha, hb, self.drop(ha), self.drop(hb)
+            return self.seen[2] + self.seen[3]
+    model, a, b = BurnIn(), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    with TARHooks(model, modules=Place('rnn', call=1)) as tar:
+        model(a, b)
+        ha, hb, da, db = model.seen
+        assert tar.penalty().item() == pytest.approx(ref_penalty(2., 0., db) + ref_penalty(0., 1., hb), rel=1e-6)
