@@ -14,7 +14,7 @@ from .schedule import describe_coef
 
 __all__ = ['Kind', 'KINDS', 'Place', 'Request', 'Read', 'Contract', 'Plan', 'NothingToRegularize', 'module_specs',
            'unwrap_model', 'fingerprint', 'structure', 'describe', 'sequences', 'one_sequence', 'select_calls',
-           'graded', 'activation_groups']
+           'graded', 'activation_groups', 'watched']
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,17 @@ class Plan:
                 moved[id(r)] = replace(r, module=None if r.module is None else named[r.name], via=move(r.via))
             return None if r is None else moved[id(r)]
         reads = [move(r) for r in self.reads]
-        watch = [r.module for r in reads if r.module is not None] + [r.via.module for r in reads if r.via]
-        return Plan(reads, self.request, self.contract, fingerprint(model), list({id(m): m for m in watch}.values()),
+        return Plan(reads, self.request, self.contract, fingerprint(model), watched(reads),
                     reads_output=self.reads_output)
+
+
+def watched(
+    reads: list,  # a plan's reads
+    producers: list = (),  # the contract's producers of raw, where the plan reads the contract (None where none did)
+) -> list:
+    "The modules whose calls each forward needs, once each: those read, those AR's dropouts are found by, the producers"
+    some = [r.module for r in reads if r.module is not None] + [r.via.module for r in reads if r.via is not None]
+    return list({id(m): m for m in some + [p for p in producers if p is not None]}.values())
 
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)

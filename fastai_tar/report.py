@@ -69,11 +69,15 @@ class _DropColumnsAfterFit(Callback):
     order = 100
     def __init__(self, columns): self.columns = columns
     def after_fit(self):
-        self.learn.metrics = [m for m in self.learn.metrics if not any(m is c for c in self.columns)]
+        _take_out(self.learn, self.columns)
         self.learn.remove_cb(self)
 
 
 def _nothing(): return None
+
+
+def _take_out(learn, columns: list):
+    learn.metrics = [m for m in learn.metrics if not any(m is c for c in columns)]  # (by identity)
 
 
 def drop_columns(
@@ -85,7 +89,7 @@ def drop_columns(
     if fit_running and columns:
         for c in columns: c.value_fn = _nothing
         learn.add_cb(_DropColumnsAfterFit(columns))
-    else: learn.metrics = [m for m in learn.metrics if not any(m is c for c in columns)]
+    else: _take_out(learn, columns)
 
 
 # --- history ---------------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .module_facts import activation_item, fastai_class, first_tensor, is_dropout, is_recurrent, layout
 from .plan import (KINDS, Contract, NothingToRegularize, Place, Plan, Read, Request, activation_groups, describe,
-                   fingerprint, graded, module_specs, one_sequence, select_calls, sequences, unwrap_model)
+                   fingerprint, graded, module_specs, one_sequence, select_calls, sequences, unwrap_model,
+                   watched)
 from .schedule import describe_coef
 
 __all__ = ['settle_watch', 'settle', 'describe_candidates']
@@ -406,9 +407,8 @@ def settle(
                       f"{many.name!r} ({', '.join(many.others)} too): name the one to read in modules= (or pass "
                       "all_layers=True to read each)"))
     reads = ar + tar
-    watch = [r.module for r in reads if r.module is not None] + [r.via.module for r in reads if r.via is not None]
-    if contract is not None: watch += [p for p in contract.producers if p is not None]
-    return Plan(reads, req, contract is not None, fingerprint(inner), list({id(m): m for m in watch}.values()), notes,
+    return Plan(reads, req, contract is not None, fingerprint(inner),
+                watched(reads, () if contract is None else contract.producers), notes,
                 None if contract is None else contract.producers, any(r.module is None for r in reads))
 
 
