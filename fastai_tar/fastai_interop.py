@@ -76,11 +76,13 @@ def has_contract_form(pred) -> bool:
 
 
 def _made_from(dropped: Tensor, raw: Tensor) -> bool:
-    "`dropped` is `raw` (a dropout in eval, or none), or a dropout of it: one op, a dropout's or a mask product"
+    """`dropped` is `raw` (a dropout in eval, or none), or a dropout of it: one op, a dropout's or a product with a mask
+    that carries no gradient (a learned gate, `raw * sigmoid(g)`, is no dropout)"""
     if dropped is raw: return True
     node = dropped.grad_fn
-    return raw.grad_fn is not None and type(node).__name__ in _DROPOUT_NODES and \
-        any(f is raw.grad_fn for f, _ in node.next_functions)
+    if raw.grad_fn is None or type(node).__name__ not in _DROPOUT_NODES: return False
+    inputs = [f for f, _ in node.next_functions if f is not None]
+    return len(inputs) == 1 and inputs[0] is raw.grad_fn
 
 
 def _is_fastai_text_model(model: nn.Module) -> bool:

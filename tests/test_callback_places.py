@@ -478,23 +478,26 @@ def _mse(p, y): return ((p.squeeze(-1) - y.squeeze(-1)) ** 2).mean()
 
 
 class _NormTuple(Module):
-    "(prediction, rnn output, its LayerNorm): a tuple of the contract's form whose third item is no dropout of raw"
-    def __init__(self):
+    """(prediction, rnn output, its LayerNorm or a learned gate of it): a tuple of the contract's form whose third item
+    is no dropout of raw"""
+    def __init__(self, third='norm'):
         self.rnn, self.norm, self.head = nn.GRU(3, 5, batch_first=True), nn.LayerNorm(5), nn.Linear(5, 1)
+        self.gate, self.third = nn.Linear(5, 5), third
 
     def forward(self, x):
         e = self.rnn(x)[0]
-        return self.head(e[:, -1]), e, self.norm(e)
+        return self.head(e[:, -1]), e, self.norm(e) if self.third == 'norm' else e * torch.sigmoid(self.gate(e))
 
 
-def test_a_layer_norm_is_no_dropout_the_tuple_reaches_the_loss_in_training_and_validation():
+@pytest.mark.parametrize('third', ['norm', 'gate'])  # a gate is a product like fastai's RNNDropout, but learned
+def test_a_layer_norm_is_no_dropout_the_tuple_reaches_the_loss_in_training_and_validation(third):
     seen = []
     def aux_loss(p, y):
         seen.append(type(p))
         pred, e, n = p
         return _mse(pred, y) + 0.5 * (e - n).pow(2).mean()
     torch.manual_seed(0)
-    learn = Learner(_series_dls(), _NormTuple(), loss_func=aux_loss, cbs=TARCallback(alpha=0., beta=0.))
+    learn = Learner(_series_dls(), _NormTuple(third), loss_func=aux_loss, cbs=TARCallback(alpha=0., beta=0.))
     with pytest.warns(UserWarning, match=r"has the form of fastai's \(logits, raw, dropped\), but"):
         quiet_fit(learn)
     assert set(seen) == {tuple}  # training and validation alike: the auxiliary term is never stripped
