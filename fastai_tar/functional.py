@@ -147,6 +147,9 @@ def _pair_void(mask, sd, fd):
     return None if mask is None or mask.shape[_mask_axis(sd, fd)] < 2 else ~_pairs(mask, _mask_axis(sd, fd))
 
 
+_SMALL_DTYPES = (torch.float32, torch.float64)  # no conversion to accumulate in: autograd's own nodes keep only views
+
+
 def _plain_tar(h, mask, sd, fd):
     if mask is None and h.dtype in _SMALL_DTYPES:  # the sum of squared differences of two views: nothing else is kept
         n = max(h.shape[sd] - 1, 0)  # (no pair: empty views, whose sum is a 0 with a gradient)
@@ -158,7 +161,6 @@ def _plain_tar(h, mask, sd, fd):
 def _mse_sum(a: Tensor, b: Tensor) -> Tensor:
     "The sum of `(a - b)**2`: aten's `mse_loss` (reduction 2, sum), without the Python of `F.mse_loss`"
     return torch.ops.aten.mse_loss(a, b, 2)
-_SMALL_DTYPES = (torch.float32, torch.float64)  # no conversion to accumulate in: autograd's own nodes keep only views
 
 
 def _tangent_ar(h, h_t, mask, fd):

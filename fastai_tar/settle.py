@@ -105,8 +105,7 @@ class _Seen:
             return (f"it did not run through its hooks, though {self.say(holder[1])}, which holds it, "
                     f"ran: it calls the forward of {self.names[id(module)]!r} directly (`module.forward(...)`, "
                     f"as awd-lstm-lm's WeightDrop does), which skips forward hooks. Name {holder[0]!r} in {arg}= "
-                    "instead "
-                    "(with seq_dim= for TAR: its layout is its own)")
+                    "instead (with seq_dim= for TAR: its layout is its own)")
         if self.compiled:  # dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards)
             return ("it did not run through its hooks: the model is compiled (torch.compile) and its compiled code was "
                     "traced before the callback added its hooks, so it does not call them. Call "
@@ -148,7 +147,6 @@ def _layout(read: Read, req: Request, known: tuple | None, maker: nn.Module | No
                          f"{what}{own}. Pass seq_dim= (1: batch x time x features, 0: time x batch x features, 2 "
                          "with feature_dim=1: batch x features x time)")
     return read
-
 
 
 def _module_layout(read: Read, calls: list) -> tuple | None:
@@ -258,8 +256,7 @@ def _found_tar(model, req: Request, seen: _Seen) -> tuple[list, str, tuple]:
             f"TARCallback found nothing to regularize in {type(model).__name__}: it looked for modules you named "
             "(modules=, ar_modules=), fastai's (logits, raw, dropped) output, fastai's text modules (AWD_LSTM, "
             "SentenceEncoder) and an nn.LSTM/GRU/RNN or its cell, and found none. Name the module(s) whose output is "
-            "the activation to "
-            "regularize, with names from model.named_modules() or the modules themselves: "
+            "the activation to regularize, with names from model.named_modules() or the modules themselves: "
             "TARCallback(modules='encoder.rnn'), or modules=backbone with seq_dim=2, feature_dim=1 for a "
             "channels-first time-series backbone (batch x features x time).")
     if not req.all_layers:
