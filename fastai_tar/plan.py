@@ -244,7 +244,8 @@ def activation_groups(read: Read, calls: list, training: bool = False) -> dict:
     """The tensors a module read takes from its calls (a PackedSequence's data), what AR's dropout must receive: the id
     of each -> the index of its call's sequence (`sequences`), so that the dropout's calls join as the read's do. In
     training, of the calls with gradient."""
+    if len(calls) == 1 and read.call is None:  # the common case, without further calls: this runs at every batch
+        return {id(_activation(calls[0], read.item)): 0} if calls[0][5] or not training else {}
     calls = graded(calls, training)
     if read.call is not None: calls = select_calls(read, calls)
-    if len(calls) == 1: return {id(_activation(calls[0], read.item)): 0}  # (the common case, without sequences)
     return {id(_activation(c, read.item)): i for i, seq in enumerate(sequences(read.module, calls)) for c in seq}
